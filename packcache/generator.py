@@ -1,0 +1,397 @@
+"""The engine's public face: a `Generator` owns the model; each `GenerationSession` is one endless stream.
+
+A session yields chunks of RGB frames and accepts a new prompt between chunks. Per chunk (Self-Forcing's loop with
+the PackForcing cache):
+
+    1. apply a pending prompt / reset (recache recomputes the recent chunks' K/V under the new prompt)
+    2. anchor = cache.begin_chunk()                        # constant for bounded caches
+    3. 4 denoising steps (flow matching), each a forward against the cache (mid selection on step 0)
+    4. commit pass at t=0 writes the chunk's K/V; cache.end_chunk() moves recent -> mid (importance eviction)
+    5. streaming VAE decode -> frames
+    6. packed cache: compress the chunk (HR/LR/pool) and run its tokens at t=0 -> its compressed K/V backup
+
+No asyncio here; `next_chunk` blocks, and `set_prompt`, `reset` and `stats` are safe to call from another thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache import CacheGeometry, KVCache, build_cache
+from .compress import MidCompressor, block_grid
+from .errors import PackCacheError, PresetError, PromptError, WeightsError
+from .model import CausalWanModel, PromptContext
+from .presets import Preset, get_preset
+from .rope import grid_positions
+from .sampler import FlowSampler
+from .vae import VideoVAE, frames_to_uint8
+
+log = logging.getLogger(__name__)
+
+TRANSITIONS = ("cut", "recache", "blend")
+CACHE_KINDS = ("packed", "window", "full")
+MAX_PROMPT_CHARS = 2000
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def validate_prompt(text: object) -> str:
+    if not isinstance(text, str):
+        raise PromptError("prompt must be a string")
+    text = text.strip()
+    if not text:
+        raise PromptError("prompt is empty")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+    return text
+
+
+class Generator:
+    """Holds the model, VAE, text encoder and compressor; opens sessions that share them."""
+
+    def __init__(self, preset: Preset, model: CausalWanModel, vae: VideoVAE, text_encoder, compressor: MidCompressor,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.preset = preset
+        self.model = model.eval().requires_grad_(False)
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.compressor = compressor.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.sampler = FlowSampler(preset.sampler)
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prompt_lock = threading.Lock()
+        lt, lh, lw = preset.cache.chunk_frames, preset.latent_height, preset.latent_width
+        self.chunk_grid = model.token_grid(lt, lh, lw)
+        self.block_grid = block_grid(*self.chunk_grid)
+
+    # ---- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0,
+                    compression: str | None = None) -> "Generator":
+        """Build a preset: its shipped weights when it has some, else seeded random weights (tiny, benchmarks)."""
+        from .text import build_text_encoder
+
+        preset = get_preset(name)
+        if compression is not None:
+            from dataclasses import replace
+            preset = replace(preset, compressor=replace(preset.compressor, mode=compression))
+        device = device or default_device()
+        dtype = dtype or _default_dtype(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = CausalWanModel(preset.transformer)
+            vae = VideoVAE.build(preset.vae, device="cpu", dtype=torch.float32, seed=seed)
+            compressor = MidCompressor(preset.compressor, model.dim, model.patch_embedding, vae)
+        if preset.weights:
+            load_bundle(shipped_weights_path(preset.weights), model, vae, compressor)
+        text = build_text_encoder(preset.text, device=device)
+        return cls._assemble(preset, model, vae, text, compressor, device, dtype)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, checkpoint: str | Path | None = None,
+                        preset: str = "wan2.1-t2v-1.3b", device: str | None = None, dtype: torch.dtype | None = None,
+                        compression: str | None = None) -> "Generator":
+        """A diffusers-format Wan2.1-T2V folder (transformer/, vae/, text_encoder/, tokenizer/), optionally with a
+        Self-Forcing generator checkpoint replacing the transformer weights."""
+        from dataclasses import replace
+
+        from .text import build_text_encoder
+        from .weights import load_checkpoint_into, load_pretrained_transformer, load_pretrained_vae
+
+        base = get_preset(preset)
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise WeightsError(f"model folder not found: {model_dir}")
+        transformer = load_pretrained_transformer(model_dir)
+        tcfg = replace(base.transformer, **{k: transformer.config[k] for k in (
+            "num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "text_dim", "freq_dim")})
+        model = CausalWanModel(tcfg, transformer)
+        if checkpoint is not None:
+            load_checkpoint_into(model.transformer, checkpoint)
+        vae = VideoVAE(load_pretrained_vae(model_dir), base.vae)
+        mode = compression or base.compressor.mode
+        if "hr" in mode:
+            raise WeightsError(f"compression {mode!r} needs trained HR-branch weights, which this folder lacks; "
+                               "use --compression lr or pool")
+        p = replace(base, transformer=tcfg, compressor=replace(base.compressor, mode=mode))
+        compressor = MidCompressor(p.compressor, model.dim, model.patch_embedding, vae)
+        device = device or default_device()
+        dtype = dtype or _default_dtype(device)
+        text = build_text_encoder(p.text, model_dir=model_dir, device=device)
+        return cls._assemble(p, model, vae, text, compressor, device, dtype)
+
+    @classmethod
+    def _assemble(cls, preset, model, vae, text, compressor, device, dtype) -> "Generator":
+        model.to(device=device, dtype=dtype)
+        vae.vae.to(device=device, dtype=dtype)
+        compressor.to(device=device, dtype=dtype)
+        return cls(preset, model, vae, text, compressor, device, dtype)
+
+    # ---- prompts --------------------------------------------------------------------------------------------
+    def encode_prompt(self, text: str) -> torch.Tensor:
+        """Text encoder output (1, L, text_dim), memoised per prompt string (small LRU)."""
+        with self._prompt_lock:
+            hit = self._prompt_cache.get(text)
+            if hit is not None:
+                self._prompt_cache.move_to_end(text)
+                return hit
+        with torch.no_grad():
+            emb = self.text_encoder.encode([text]).to(self.device)
+        with self._prompt_lock:
+            self._prompt_cache[text] = emb
+            while len(self._prompt_cache) > 64:
+                self._prompt_cache.popitem(last=False)
+        return emb
+
+    # ---- sessions -------------------------------------------------------------------------------------------
+    def cache_geometry(self, batch: int = 1) -> CacheGeometry:
+        m = self.model
+        return CacheGeometry(m.num_layers, m.heads, m.head_dim, self.preset.cache.chunk_frames,
+                             self.chunk_grid, self.block_grid, batch)
+
+    def new_cache(self, kind: str) -> KVCache:
+        if kind not in CACHE_KINDS:
+            raise PresetError(f"unknown cache {kind!r}; choose one of {', '.join(CACHE_KINDS)}")
+        return build_cache(kind, self.cache_geometry(), self.preset.cache, self.model.rope, self.device, self.dtype)
+
+    def open(self, prompt: str, seed: int = 0, cache: str = "packed") -> "GenerationSession":
+        return GenerationSession(self, validate_prompt(prompt), int(seed), cache)
+
+    def warmup(self, prompt: str = "warm-up") -> float:
+        """Generate one throwaway chunk so the first viewer never waits for allocation or kernel selection."""
+        start = time.perf_counter()
+        session = self.open(prompt)
+        try:
+            session.next_chunk()
+        finally:
+            session.close()
+        return time.perf_counter() - start
+
+    @property
+    def fps(self) -> int:
+        return self.preset.fps
+
+
+class GenerationSession:
+    """One endless stream: its cache, its streaming decoder, its prompt and its noise generator."""
+
+    def __init__(self, gen: Generator, prompt: str, seed: int, cache_kind: str):
+        self.gen = gen
+        self.cache_kind = cache_kind
+        self.seed = seed
+        self.prompt = prompt
+        self._lock = threading.Lock()
+        self._pending: dict | None = None
+        self._pending_reset: int | None = None
+        self._in_progress = False
+        self._closed = False
+        self._last_seconds = 0.0
+        self._total_seconds = 0.0
+        self._frames = 0
+        self._start_stream(seed)
+        self._text = gen.encode_prompt(prompt)
+        self._prompt_ctx = gen.model.embed_text(self._text)
+        self._blend: dict | None = None
+
+    def _start_stream(self, seed: int) -> None:
+        self.seed = seed
+        self.chunk_index = 0
+        self.cache = self.gen.new_cache(self.cache_kind)
+        self.decoder = self.gen.vae.stream_decoder()
+        self._rng = torch.Generator(device="cpu").manual_seed(seed)
+
+    # ---- thread-safe controls -------------------------------------------------------------------------------
+    def set_prompt(self, text: str, transition: str = "cut", blend_chunks: int = 4) -> int:
+        """Queue a new prompt; returns the chunk index at which it takes effect (the next chunk to start)."""
+        text = validate_prompt(text)
+        if transition not in TRANSITIONS:
+            raise PromptError(f"unknown transition {transition!r}; choose one of {', '.join(TRANSITIONS)}")
+        if transition == "blend" and not (isinstance(blend_chunks, int) and 1 <= blend_chunks <= 64):
+            raise PromptError("blend_chunks must be an integer from 1 to 64")
+        with self._lock:
+            self._pending = {"text": text, "transition": transition, "blend_chunks": blend_chunks}
+            return self.chunk_index + (1 if self._in_progress else 0)
+
+    def reset(self, seed: int | None = None) -> None:
+        """Restart the stream from chunk 0 (same prompt; a new seed if given) before the next chunk."""
+        with self._lock:
+            self._pending_reset = self.seed if seed is None else int(seed)
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def next_chunk(self) -> np.ndarray:
+        """Generate, decode and return the next chunk's frames: uint8 (T, H, W, 3)."""
+        with self._lock:
+            if self._closed:
+                raise PackCacheError("session is closed")
+            self._in_progress = True
+            reset, self._pending_reset = self._pending_reset, None
+            pending, self._pending = self._pending, None
+        start = time.perf_counter()
+        try:
+            if reset is not None:
+                self._drop_stream()
+                self._start_stream(reset)
+            if pending is not None:
+                self._apply_prompt(pending)
+            frames = self._generate()
+        finally:
+            with self._lock:
+                self._in_progress = False
+        self._last_seconds = time.perf_counter() - start
+        self._total_seconds += self._last_seconds
+        self._frames += frames.shape[0]
+        return frames
+
+    def _apply_prompt(self, pending: dict) -> None:
+        gen = self.gen
+        new_text = gen.encode_prompt(pending["text"])
+        self.prompt = pending["text"]
+        if pending["transition"] == "blend":
+            self._blend = {"from": self._current_text(), "to": new_text, "start": self.chunk_index,
+                           "n": pending["blend_chunks"]}
+        else:
+            self._blend = None
+        self._text = new_text
+        self._prompt_ctx = gen.model.embed_text(new_text)
+        if pending["transition"] == "recache":
+            self._recache()
+
+    def _current_text(self) -> torch.Tensor:
+        b = self._blend
+        if b is None:
+            return self._text
+        w = min(1.0, (self.chunk_index - b["start"] + 1) / b["n"])
+        return torch.lerp(b["from"].float(), b["to"].float(), w).to(b["to"].dtype)
+
+    def _prompt_for_chunk(self) -> PromptContext:
+        b = self._blend
+        if b is None:
+            return self._prompt_ctx
+        if self.chunk_index - b["start"] + 1 >= b["n"]:
+            self._blend = None
+            return self._prompt_ctx
+        return self.gen.model.embed_text(self._current_text())
+
+    def _recache(self) -> None:
+        """Recompute the recent (full-resolution) chunks' K/V under the new prompt, oldest first (LongLive-style)."""
+        model, cache = self.gen.model, self.cache
+        zero = torch.zeros(1, device=self.gen.device)
+        for i, (slot, latents, start, tokens) in enumerate(cache.recent_chunks()):
+            model.forward_chunk(latents, zero, self._prompt_ctx, cache.recacher(i), start, head=False)
+            if cache.compresses and tokens is not None:
+                self._encode_compressed(slot, tokens)
+
+    def _noise(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self._rng).to(self.gen.device, self.gen.dtype)
+
+    def _generate(self) -> np.ndarray:
+        gen, model, cache, sampler = self.gen, self.gen.model, self.cache, self.gen.sampler
+        p = gen.preset
+        shape = (1, p.transformer.in_channels, p.cache.chunk_frames, p.latent_height, p.latent_width)
+        prompt = self._prompt_for_chunk()
+        anchor = cache.begin_chunk()
+        reader = cache.reader()
+        x = self._noise(shape)
+        x0 = x
+        for k, sigma in enumerate(sampler.sigmas):
+            v = model.forward_chunk(x, sampler.timestep(sigma, 1, gen.device), prompt, reader, anchor)
+            x0 = sampler.x0_from_velocity(x, v, sigma)
+            if k + 1 < sampler.steps:
+                x = sampler.renoise(x0, self._noise(shape), sampler.sigmas[k + 1])
+        model.forward_chunk(x0, sampler.timestep(0.0, 1, gen.device), prompt, cache.committer(), anchor, head=False)
+        slot = cache.end_chunk(x0)
+        pixels = self.decoder.decode(x0)
+        if cache.compresses and slot is not None:
+            tokens = gen.compressor(x0, gen.block_grid, pixels if gen.compressor.needs_pixels else None)
+            self._encode_compressed(slot, tokens, prompt)
+        self.chunk_index += 1
+        return frames_to_uint8(pixels)[0]
+
+    def _encode_compressed(self, slot: int, tokens: torch.Tensor, prompt: PromptContext | None = None) -> None:
+        gen = self.gen
+        offsets = self.cache.geo.block_temporal_offsets()
+        pos = grid_positions(*gen.block_grid, offsets, spatial_stride=4.0)
+        gen.model.encode_tokens(tokens, pos, ("block", gen.block_grid), prompt or self._prompt_ctx,
+                                self.cache.compressor_writer(slot, tokens))
+
+    # ---- introspection and teardown -------------------------------------------------------------------------
+    def stats(self) -> dict:
+        cs = self.cache.stats() if not self._closed else None
+        chunks = max(1, self.chunk_index)
+        out = {
+            "chunk_index": self.chunk_index,
+            "prompt": self.prompt,
+            "cache": self.cache_kind,
+            "seconds_per_chunk": self._last_seconds,
+            "mean_seconds_per_chunk": self._total_seconds / chunks if self.chunk_index else 0.0,
+            "realtime_factor": (self._frames / self.gen.fps) / self._total_seconds if self._total_seconds else 0.0,
+            "frames": self._frames,
+        }
+        if cs is not None:
+            out.update({"kv_bytes": cs.kv_bytes, "attended_tokens": cs.attended_tokens,
+                        "context_tokens": cs.context_tokens, "partitions": cs.partitions,
+                        "position_range": list(cs.position_range)})
+        return out
+
+    def _drop_stream(self) -> None:
+        self.cache.close()
+        self.decoder.close()
+
+    def close(self) -> None:
+        """Free the cache and decoder state; idempotent. Safe while no chunk is being generated."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._drop_stream()
+        self._prompt_ctx = None
+        self._blend = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---- shipped weights ----------------------------------------------------------------------------------------
+def shipped_weights_path(name: str) -> Path:
+    path = Path(str(resources.files("packcache") / "weights" / name))
+    if not path.is_file():
+        raise WeightsError(f"shipped weights missing: {path} (reinstall the package)")
+    return path
+
+
+def load_bundle(path: Path, model: CausalWanModel, vae: VideoVAE, compressor: MidCompressor) -> None:
+    """One safetensors file with `transformer.`, `vae.` and `compressor.` prefixed keys (the toy model's format)."""
+    from safetensors.torch import load_file
+
+    from .weights import load_module_weights
+
+    state = load_file(str(path))
+    parts: dict[str, dict] = {"transformer": {}, "vae": {}, "compressor": {}}
+    for key, value in state.items():
+        prefix, _, rest = key.partition(".")
+        if prefix not in parts:
+            raise WeightsError(f"{path.name}: unexpected key {key!r} (prefixes: transformer., vae., compressor.)")
+        parts[prefix][rest] = value
+    load_module_weights(model.transformer, parts["transformer"], "transformer")
+    load_module_weights(vae.vae, parts["vae"], "vae")
+    if compressor.hr is not None:
+        load_module_weights(compressor, parts["compressor"], "compressor")
