@@ -209,3 +209,25 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise PresetError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+
+# The toy world model (toyworld/): trained by this project on procedural scenes of moving shapes, shipped in
+# packcache/weights/toy.safetensors. 64x64 at 16 FPS; latents 16x3x8x8 per chunk -> 48 tokens per chunk.
+# Its VAE has the latent normalisation folded into its (de)quant convs, hence mean 0 / std 1 here.
+_TOY = Preset(
+    name="toy",
+    description="toy world (shapes, colours, motions, backgrounds), trained by toyworld.train; 64x64, CPU real time",
+    transformer=TransformerConfig(
+        num_layers=4, num_attention_heads=2, attention_head_dim=64, ffn_dim=512, text_dim=384, freq_dim=64
+    ),
+    vae=VAEConfig(base_dim=8, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
+                  latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
+    text=TextConfig(kind="minilm", max_tokens=32, dim=384),
+    cache=CacheConfig(chunk_frames=3, sink_chunks=2, recent_chunks=1, mid_topk=2, mid_capacity=16, window_chunks=3,
+                      score_min_queries=8),
+    compressor=CompressorConfig(mode="lr", hr_channels=(16, 32, 64, 128)),
+    height=64,
+    width=64,
+    weights="toy.safetensors",
+)
+register_preset(_TOY)

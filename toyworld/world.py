@@ -1,0 +1,326 @@
+"""The toy world: seeded, unbounded procedural scenes of moving shapes, with captions from a small grammar.
+
+A `Scene` is one to three shapes (circle, square, triangle) in eight bright named colours, each with a motion
+(bounce, orbit, drift, zigzag), over a background (solid, gradient, stripes, checker) in one of eight muted named
+colours. Shapes are bright and saturated, backgrounds are dark or desaturated, so the metrics
+(`toyworld.metrics`) can tell foreground from background by saturation and value alone.
+
+Motion is a closed-form function of the frame index, so a scene renders any frame range, forever, with no state:
+
+    scene = sample_scene(np.random.default_rng(0))
+    frames = render(scene, start=0, num_frames=81, size=64)      # uint8 (81, 64, 64, 3), 16 FPS
+    caption(scene)                                               # "a red circle bouncing on a striped blue background"
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+FPS = 16
+
+# Bright, saturated foreground colours (hue in degrees is what the metrics classify by).
+SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (235, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 225, 30),
+    "green": (40, 210, 50),
+    "cyan": (30, 220, 230),
+    "blue": (40, 80, 245),
+    "purple": (160, 50, 235),
+    "pink": (245, 60, 190),
+}
+COLOR_HUES: dict[str, float] = {
+    "red": 0.0, "orange": 32.0, "yellow": 56.0, "green": 124.0,
+    "cyan": 183.0, "blue": 226.0, "purple": 276.0, "pink": 318.0,
+}
+
+# Muted background colours: saturation < 0.5 or value < 0.5, so they never count as foreground.
+BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
+    "blue": (35, 45, 95),
+    "green": (35, 80, 45),
+    "gray": (110, 110, 110),
+    "brown": (95, 65, 40),
+    "purple": (70, 45, 90),
+    "black": (15, 15, 18),
+    "white": (215, 215, 210),
+    "teal": (30, 80, 85),
+}
+
+SHAPES = ("circle", "square", "triangle")
+MOTIONS = ("bounce", "orbit", "drift", "zigzag")
+BACKGROUNDS = ("solid", "gradient", "stripes", "checker")
+
+# Caption vocabulary. The first entry of each list is the canonical word; the others are training-time
+# paraphrases (caption augmentation) so unseen wordings land near the trained ones in the text encoder's space.
+SHAPE_WORDS = {
+    "circle": ["circle", "ball", "disk", "dot", "round blob"],
+    "square": ["square", "box", "block", "cube", "tile"],
+    "triangle": ["triangle", "wedge", "pyramid", "arrowhead", "three-sided shape"],
+}
+MOTION_WORDS = {  # (participle, verb phrase)
+    "bounce": ["bouncing", "bouncing around", "bouncing off the walls", "ricocheting", "jumping around"],
+    "orbit": ["orbiting", "circling", "going round in circles", "spinning around the center", "revolving"],
+    "drift": ["drifting", "floating", "wandering slowly", "gliding", "meandering"],
+    "zigzag": ["zigzagging", "moving in a zigzag", "darting back and forth", "weaving", "zig-zagging"],
+}
+BACKGROUND_WORDS = {  # adjective before the colour, or a noun phrase after it
+    "solid": ["plain", "solid", "flat", "uniform"],
+    "gradient": ["gradient", "fading", "shaded", "graded"],
+    "stripes": ["striped", "stripy", "banded", "lined"],
+    "checker": ["checkered", "checkerboard", "chequered", "tiled"],
+}
+COLOR_SYNONYMS = {  # extra words for augmentation (evaluation also uses held-out ones like "crimson")
+    "red": ["red", "bright red"],
+    "orange": ["orange", "bright orange"],
+    "yellow": ["yellow", "golden yellow"],
+    "green": ["green", "bright green", "lime"],
+    "cyan": ["cyan", "aqua", "turquoise"],
+    "blue": ["blue", "bright blue"],
+    "purple": ["purple", "violet"],
+    "pink": ["pink", "magenta"],
+}
+BG_COLOR_SYNONYMS = {
+    "blue": ["blue", "navy", "dark blue"],
+    "green": ["green", "dark green", "forest green"],
+    "gray": ["gray", "grey"],
+    "brown": ["brown", "dark brown"],
+    "purple": ["purple", "dark purple", "plum"],
+    "black": ["black", "dark"],
+    "white": ["white", "light"],
+    "teal": ["teal", "dark teal"],
+}
+
+
+@dataclass(frozen=True)
+class Background:
+    kind: str                     # one of BACKGROUNDS
+    color: str                    # key of BACKGROUND_COLORS
+    angle: float = 0.0            # stripes/gradient direction (radians)
+    period: float = 0.25          # stripe/checker period as a fraction of the frame size
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    shape: str                    # one of SHAPES
+    color: str                    # key of SHAPE_COLORS
+    motion: str                   # one of MOTIONS
+    size: float                   # radius as a fraction of the frame size
+    # motion parameters (fractions of the frame size, per second; phases in radians)
+    x0: float = 0.5
+    y0: float = 0.5
+    vx: float = 0.3
+    vy: float = 0.2
+    radius: float = 0.25          # orbit radius
+    omega: float = 1.5            # orbit angular speed (rad/s), sign = direction
+    phase: float = 0.0
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: Background
+    shapes: tuple[ShapeSpec, ...] = field(default_factory=tuple)
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+def sample_shape(rng: np.random.Generator, *, color: str | None = None, shape: str | None = None,
+                 motion: str | None = None, size: float | None = None) -> ShapeSpec:
+    speed = rng.uniform(0.25, 0.5)
+    ang = rng.uniform(0, 2 * math.pi)
+    return ShapeSpec(
+        shape=shape or str(rng.choice(SHAPES)),
+        color=color or str(rng.choice(list(SHAPE_COLORS))),
+        motion=motion or str(rng.choice(MOTIONS)),
+        size=size if size is not None else float(rng.uniform(0.11, 0.17)),
+        x0=float(rng.uniform(0.25, 0.75)), y0=float(rng.uniform(0.25, 0.75)),
+        vx=float(speed * math.cos(ang)), vy=float(speed * math.sin(ang)),
+        radius=float(rng.uniform(0.15, 0.28)),
+        omega=float(rng.choice([-1, 1]) * rng.uniform(1.2, 2.4)),
+        phase=float(rng.uniform(0, 2 * math.pi)),
+    )
+
+
+def sample_background(rng: np.random.Generator, *, kind: str | None = None, color: str | None = None) -> Background:
+    return Background(
+        kind=kind or str(rng.choice(BACKGROUNDS)),
+        color=color or str(rng.choice(list(BACKGROUND_COLORS))),
+        angle=float(rng.choice([0.0, math.pi / 2, math.pi / 4, -math.pi / 4])),
+        period=float(rng.uniform(0.2, 0.4)),
+    )
+
+
+def sample_scene(rng: np.random.Generator, max_shapes: int = 3, single_shape_prob: float = 0.6) -> Scene:
+    """A random scene. Shapes in one scene have distinct colours (so each caption names each colour once)."""
+    n = 1 if rng.random() < single_shape_prob else int(rng.integers(2, max_shapes + 1))
+    colors = rng.choice(list(SHAPE_COLORS), size=n, replace=False)
+    shapes = tuple(sample_shape(rng, color=str(c)) for c in colors)
+    return Scene(background=sample_background(rng), shapes=shapes)
+
+
+# ---------------------------------------------------------------------------------------------- captions
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """Caption from the grammar. With `rng`, a random paraphrase (synonyms and templates) for augmentation;
+    without, the canonical form: "a red circle bouncing on a striped blue background"."""
+
+    def pick(options):
+        return options[0] if rng is None else str(options[int(rng.integers(len(options)))])
+
+    parts = []
+    for s in scene.shapes:
+        color = pick(COLOR_SYNONYMS[s.color]) if rng is not None else s.color
+        noun = pick(SHAPE_WORDS[s.shape])
+        verb = pick(MOTION_WORDS[s.motion])
+        if rng is not None and rng.random() < 0.3:
+            parts.append(f"{_article(verb)} {verb} {color} {noun}")
+        else:
+            parts.append(f"{_article(color)} {color} {noun} {verb}")
+    subject = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    bg = scene.background
+    bcolor = pick(BG_COLOR_SYNONYMS[bg.color]) if rng is not None else bg.color
+    adj = pick(BACKGROUND_WORDS[bg.kind])
+    if rng is None:
+        return f"{subject} on {_article(adj)} {adj} {bcolor} background"
+    template = int(rng.integers(4))
+    if template == 0:
+        return f"{subject} on {_article(adj)} {adj} {bcolor} background"
+    if template == 1:
+        return f"{subject} over {_article(adj)} {adj} {bcolor} backdrop"
+    if template == 2:
+        return f"{adj} {bcolor} background with {subject}"
+    return f"{subject}, {adj} {bcolor} background"
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+def _tri(x: np.ndarray) -> np.ndarray:
+    """Triangle wave in [0, 1] with period 2 (reflection off walls at 0 and 1)."""
+    x = np.mod(x, 2.0)
+    return np.where(x < 1.0, x, 2.0 - x)
+
+
+def positions(s: ShapeSpec, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre (x, y) as fractions of the frame at times t (seconds). Shapes stay fully inside the frame."""
+    lo, hi = s.size, 1.0 - s.size
+    span = hi - lo
+    if s.motion == "bounce":
+        x = lo + span * _tri((s.x0 - lo) / span + s.vx * t / span)
+        y = lo + span * _tri((s.y0 - lo) / span + s.vy * t / span)
+    elif s.motion == "orbit":
+        r = min(s.radius, 0.5 - s.size)
+        x = 0.5 + r * np.cos(s.phase + s.omega * t)
+        y = 0.5 + r * np.sin(s.phase + s.omega * t)
+    elif s.motion == "drift":  # slow Lissajous wander
+        a = 0.5 - s.size
+        x = 0.5 + a * 0.8 * np.sin(s.phase + 0.45 * abs(s.omega) * t)
+        y = 0.5 + a * 0.8 * np.sin(1.7 * s.phase + 0.31 * abs(s.omega) * t + 1.0)
+    elif s.motion == "zigzag":
+        speed = math.copysign(max(abs(s.vx), 0.25), s.vx)
+        x = lo + span * _tri((s.x0 - lo) / span + speed * t / span)
+        amp = min(0.12, span / 2)
+        yc = float(np.clip(s.y0, lo + amp, hi - amp))
+        y = yc + amp * (2.0 * _tri(t * 2.0 + s.phase) - 1.0)
+    else:
+        raise ValueError(f"unknown motion {s.motion!r}")
+    return np.broadcast_to(x, t.shape).astype(np.float32), np.broadcast_to(y, t.shape).astype(np.float32)
+
+
+def _background(bg: Background, size: int) -> np.ndarray:
+    base = np.array(BACKGROUND_COLORS[bg.color], np.float32)
+    dark = base * 0.55
+    light = np.minimum(base * 1.15 + 4, 255)   # stays under the metrics' foreground value threshold
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    u = xx * math.cos(bg.angle) + yy * math.sin(bg.angle)
+    if bg.kind == "solid":
+        w = np.zeros_like(u)
+    elif bg.kind == "gradient":
+        w = (u - u.min()) / max(float(u.max() - u.min()), 1e-6)
+    elif bg.kind == "stripes":
+        w = (np.mod(u / bg.period, 1.0) < 0.5).astype(np.float32)
+    elif bg.kind == "checker":
+        w = ((np.floor(xx / (bg.period / 2)) + np.floor(yy / (bg.period / 2))) % 2).astype(np.float32)
+    else:
+        raise ValueError(f"unknown background {bg.kind!r}")
+    lo, hi = (dark, base) if bg.color != "black" else (base, base + 28)
+    if bg.kind in ("solid",):
+        return np.broadcast_to(base, (size, size, 3)).copy()
+    if bg.kind == "gradient":
+        lo, hi = dark, light if bg.color != "white" else base
+        if bg.color == "white":
+            lo = base * 0.7
+    return lo[None, None] * (1 - w[..., None]) + hi[None, None] * w[..., None]
+
+
+def _alpha(shape: str, px: np.ndarray, py: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+    """Anti-aliased coverage from a (pixel-unit) signed distance."""
+    dx, dy = px - cx, py - cy
+    if shape == "circle":
+        sd = np.sqrt(dx * dx + dy * dy) - r
+    elif shape == "square":
+        h = r * 0.85
+        sd = np.maximum(np.abs(dx), np.abs(dy)) - h
+    elif shape == "triangle":  # upward equilateral triangle inscribed in radius r*1.15
+        R = r * 1.2
+        sd = None
+        for k in range(3):
+            a = -math.pi / 2 + k * 2 * math.pi / 3 + math.pi  # outward normals of the three edges
+            nx, ny = math.cos(a), math.sin(a)
+            d = dx * nx + dy * ny - R * 0.5
+            sd = d if sd is None else np.maximum(sd, d)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return np.clip(0.5 - sd, 0.0, 1.0)
+
+
+def render(scene: Scene, start: int = 0, num_frames: int = 81, size: int = 64) -> np.ndarray:
+    """Frames start .. start+num_frames-1 at 16 FPS, uint8 (F, size, size, 3)."""
+    t = (start + np.arange(num_frames, dtype=np.float64)) / FPS
+    bg = _background(scene.background, size)
+    out = np.repeat(bg[None], num_frames, axis=0).astype(np.float32)
+    py, px = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    for s in scene.shapes:
+        xs, ys = positions(s, t)
+        col = np.array(SHAPE_COLORS[s.color], np.float32)
+        r = s.size * size
+        for i in range(num_frames):
+            a = _alpha(s.shape, px, py, float(xs[i]) * size, float(ys[i]) * size, r)[..., None]
+            out[i] = out[i] * (1 - a) + col * a
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+class World:
+    """An endless seeded stream of (frames, caption, scene) clips: `World(seed).sample(num_frames, size)`."""
+
+    def __init__(self, seed: int = 0, max_shapes: int = 3, single_shape_prob: float = 0.6):
+        self.rng = np.random.default_rng(seed)
+        self.max_shapes = max_shapes
+        self.single_shape_prob = single_shape_prob
+
+    def sample(self, num_frames: int = 81, size: int = 64, augment_caption: bool = True):
+        scene = sample_scene(self.rng, self.max_shapes, self.single_shape_prob)
+        start = int(self.rng.integers(0, 100_000))   # any point of the unbounded timeline
+        frames = render(scene, start=start, num_frames=num_frames, size=size)
+        text = caption(scene, self.rng if augment_caption else None)
+        return frames, text, scene
+
+
+def single_shape_scene(color: str, shape: str = "circle", motion: str = "bounce", background: str = "stripes",
+                       bg_color: str = "blue", seed: int = 0) -> Scene:
+    """A one-shape scene with chosen attributes (evaluation and tests)."""
+    rng = np.random.default_rng(seed)
+    return Scene(background=sample_background(rng, kind=background, color=bg_color),
+                 shapes=(sample_shape(rng, color=color, shape=shape, motion=motion),))
+
+
+__all__ = [
+    "FPS", "SHAPE_COLORS", "COLOR_HUES", "BACKGROUND_COLORS", "SHAPES", "MOTIONS", "BACKGROUNDS",
+    "Background", "ShapeSpec", "Scene", "World", "sample_scene", "sample_shape", "sample_background",
+    "caption", "render", "positions", "single_shape_scene", "replace",
+]
