@@ -138,7 +138,13 @@ class Generator:
     @classmethod
     def _assemble(cls, preset, model, vae, text, compressor, device, dtype) -> "Generator":
         model.to(device=device, dtype=dtype)
-        vae.vae.to(device=device, dtype=dtype)
+        vae.vae.to(device=device)
+        if next(vae.vae.parameters()).dtype != dtype:
+            from diffusers.utils import logging as dlog
+            level = dlog.get_verbosity()
+            dlog.set_verbosity_error()   # its "keep in float32" notice lists no module for the Wan VAE
+            vae.vae.to(dtype=dtype)
+            dlog.set_verbosity(level)
         compressor.to(device=device, dtype=dtype)
         return cls(preset, model, vae, text, compressor, device, dtype)
 
@@ -233,9 +239,19 @@ class GenerationSession:
             self._pending_reset = self.seed if seed is None else int(seed)
 
     # ---- generation -----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def next_chunk(self) -> np.ndarray:
         """Generate, decode and return the next chunk's frames: uint8 (T, H, W, 3)."""
+        return self._step(decode=True)
+
+    def advance(self) -> torch.Tensor:
+        """Generate the next chunk and update the cache without producing frames (benchmarks, latent export).
+
+        Returns the clean latents (1, 16, T, h, w). The VAE still runs when the compressor's LR branch needs pixels.
+        """
+        return self._step(decode=False)
+
+    @torch.no_grad()
+    def _step(self, decode: bool):
         with self._lock:
             if self._closed:
                 raise PackCacheError("session is closed")
@@ -249,14 +265,17 @@ class GenerationSession:
                 self._start_stream(reset)
             if pending is not None:
                 self._apply_prompt(pending)
-            frames = self._generate()
+            latents, pixels = self._generate(decode)
         finally:
             with self._lock:
                 self._in_progress = False
         self._last_seconds = time.perf_counter() - start
         self._total_seconds += self._last_seconds
-        self._frames += frames.shape[0]
-        return frames
+        t, stride = latents.shape[2], self.gen.preset.vae.temporal_stride
+        self._frames += stride * t - (stride - 1 if self.chunk_index == 1 else 0)   # 9 then 12 frames for T=3
+        if not decode:
+            return latents
+        return frames_to_uint8(pixels)[0]
 
     def _apply_prompt(self, pending: dict) -> None:
         gen = self.gen
@@ -300,7 +319,7 @@ class GenerationSession:
     def _noise(self, shape) -> torch.Tensor:
         return torch.randn(shape, generator=self._rng).to(self.gen.device, self.gen.dtype)
 
-    def _generate(self) -> np.ndarray:
+    def _generate(self, decode: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         gen, model, cache, sampler = self.gen, self.gen.model, self.cache, self.gen.sampler
         p = gen.preset
         shape = (1, p.transformer.in_channels, p.cache.chunk_frames, p.latent_height, p.latent_width)
@@ -316,12 +335,13 @@ class GenerationSession:
                 x = sampler.renoise(x0, self._noise(shape), sampler.sigmas[k + 1])
         model.forward_chunk(x0, sampler.timestep(0.0, 1, gen.device), prompt, cache.committer(), anchor, head=False)
         slot = cache.end_chunk(x0)
-        pixels = self.decoder.decode(x0)
+        needs_pixels = cache.compresses and slot is not None and gen.compressor.needs_pixels
+        pixels = self.decoder.decode(x0) if decode or needs_pixels else None
         if cache.compresses and slot is not None:
-            tokens = gen.compressor(x0, gen.block_grid, pixels if gen.compressor.needs_pixels else None)
+            tokens = gen.compressor(x0, gen.block_grid, pixels)
             self._encode_compressed(slot, tokens, prompt)
         self.chunk_index += 1
-        return frames_to_uint8(pixels)[0]
+        return x0, pixels
 
     def _encode_compressed(self, slot: int, tokens: torch.Tensor, prompt: PromptContext | None = None) -> None:
         gen = self.gen

@@ -1,0 +1,99 @@
+"""The public Generator/session API on the tiny preset: determinism, prompt switching, bounds, teardown."""
+
+import numpy as np
+import pytest
+
+from packcache import Generator, PackCacheError, PresetError, PromptError
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return Generator.from_preset("tiny", device="cpu")
+
+
+def run(gen, prompt="a red circle", seed=0, chunks=3, cache="packed"):
+    with gen.open(prompt, seed=seed, cache=cache) as s:
+        return [s.next_chunk() for _ in range(chunks)]
+
+
+def test_chunks_are_uint8_rgb_with_streaming_frame_counts(gen):
+    frames = run(gen, chunks=2)
+    t = gen.preset.cache.chunk_frames
+    assert frames[0].shape == (1 + 4 * (t - 1), 64, 64, 3) and frames[0].dtype == np.uint8
+    assert frames[1].shape == (4 * t, 64, 64, 3)
+
+
+def test_same_seed_same_frames_other_seed_other_frames(gen):
+    a, b, c = run(gen, seed=3), run(gen, seed=3), run(gen, seed=4)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("cache", ["packed", "window", "full"])
+def test_every_cache_kind_streams(gen, cache):
+    frames = run(gen, chunks=6, cache=cache)
+    assert len(frames) == 6 and all(f.std() > 0 for f in frames)
+
+
+def test_packed_session_memory_constant_and_positions_bounded(gen):
+    with gen.open("a blue square", cache="packed") as s:
+        seen = []
+        for i in range(10):
+            s.next_chunk()
+            st = s.stats()
+            lo, hi = st["position_range"]
+            assert lo >= 0 and hi <= 40
+            if i >= 5:
+                seen.append((st["kv_bytes"], st["attended_tokens"]))
+        assert len(set(seen)) == 1
+        assert st["partitions"]["mid"]["archived_blocks"] <= gen.preset.cache.mid_capacity
+
+
+@pytest.mark.parametrize("transition", ["cut", "recache", "blend"])
+def test_prompt_switch_takes_effect_at_the_returned_chunk(gen, transition):
+    with gen.open("a red circle", seed=1) as s:
+        base = [s.next_chunk() for _ in range(4)]
+    with gen.open("a red circle", seed=1) as s:
+        for _ in range(3):
+            s.next_chunk()
+        effective = s.set_prompt("a green triangle", transition=transition, blend_chunks=2)
+        assert effective == 3
+        switched = s.next_chunk()
+        assert s.stats()["prompt"] == "a green triangle"
+    assert not np.array_equal(switched, base[3])
+
+
+def test_reset_restarts_the_stream(gen):
+    with gen.open("a red circle", seed=5) as s:
+        first = s.next_chunk()
+        s.next_chunk()
+        s.reset()
+        again = s.next_chunk()
+        assert s.chunk_index == 1
+    np.testing.assert_array_equal(first, again)
+
+
+def test_bad_input_raises_one_clear_error(gen):
+    with gen.open("ok") as s:
+        with pytest.raises(PromptError, match="empty"):
+            s.set_prompt("   ")
+        with pytest.raises(PromptError, match="transition"):
+            s.set_prompt("x", transition="dissolve")
+        with pytest.raises(PromptError, match="blend_chunks"):
+            s.set_prompt("x", transition="blend", blend_chunks=0)
+        s.next_chunk()   # still alive
+    with pytest.raises(PresetError, match="unknown cache"):
+        gen.open("x", cache="lru")
+    with pytest.raises(PresetError, match="known presets"):
+        Generator.from_preset("nope")
+
+
+def test_close_frees_cache_and_refuses_more_chunks(gen):
+    s = gen.open("a red circle")
+    s.next_chunk()
+    s.close()
+    s.close()   # idempotent
+    assert s.cache.sink_k is None and s.cache.mid_k is None
+    with pytest.raises(PackCacheError, match="closed"):
+        s.next_chunk()
