@@ -226,6 +226,7 @@ _TOY = Preset(
     cache=CacheConfig(chunk_frames=3, sink_chunks=2, recent_chunks=1, mid_topk=2, mid_capacity=16, window_chunks=3,
                       score_min_queries=8),
     compressor=CompressorConfig(mode="lr", hr_channels=(16, 32, 64, 128)),
+    sampler=SamplerConfig(shift=1.0),   # sigma 1, .75, .5, .25: a from-scratch flow model, not a distilled one
     height=64,
     width=64,
     weights="toy.safetensors",

@@ -1,0 +1,283 @@
+"""Evaluate the shipped toy world model: real time, prompt following, prompt switches, 24x extrapolation.
+
+    python -m toyworld.evaluate                      # everything; writes toyworld/eval/ (tables, JSON, PNG strips)
+    python -m toyworld.evaluate --quick              # fewer prompts and a 30 s long run (a smoke test)
+
+Tables (markdown) are printed and written to toyworld/eval/RESULTS.md:
+
+1. Real-time factor per cache kind: seconds of video per second of wall time on this CPU (threads as given).
+2. Prompt following: 20 prompts (some with words the training captions never use, e.g. "crimson"); the share of
+   chunks whose dominant foreground colour is the prompt's colour.
+3. Prompt switch ("cut"): chunks until the new colour dominates, over 10 switches.
+4. Extrapolation: 120 s (24x the 5 s training clips) with packed, window and full caches: subject (colour and
+   shape) consistency, background stability and motion per 10 s window, K/V bytes at chunk 10 vs the last chunk,
+   and a PNG strip of one frame every 10 s per cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as M
+
+HERE = Path(__file__).resolve().parent
+
+PROMPTS = [
+    "a red circle bouncing on a striped blue background",
+    "a green square orbiting on a plain gray background",
+    "a blue triangle drifting on a checkered white background",
+    "a yellow circle zigzagging on a gradient purple background",
+    "an orange square bouncing on a plain black background",
+    "a purple circle orbiting on a striped green background",
+    "a pink triangle bouncing on a checkered teal background",
+    "a cyan square drifting on a gradient brown background",
+    "a red triangle orbiting on a plain white background",
+    "a blue circle zigzagging on a striped black background",
+    "a green triangle drifting on a checkered brown background",
+    "a yellow square bouncing on a gradient blue background",
+    # wordings and colour names the training captions never contain
+    "a crimson ball bouncing around on a dark striped background",
+    "scarlet disc moving fast over a plain grey background",
+    "an emerald cube floating on a navy backdrop",
+    "a lemon yellow pyramid spinning around the middle, checkered gray background",
+    "a violet box bouncing on a black background",
+    "a magenta ball circling over white stripes",
+    "an azure triangle gliding on a brown gradient",
+    "a tangerine dot zigzagging on a teal background",
+]
+
+SWITCHES = [
+    ("a red circle bouncing on a striped blue background", "a green square bouncing on a striped blue background"),
+    ("a blue square orbiting on a plain gray background", "a yellow square orbiting on a plain gray background"),
+    ("a yellow triangle drifting on a checkered white background", "a purple circle drifting on a plain black background"),
+    ("a green circle zigzagging on a gradient brown background", "a red circle zigzagging on a gradient brown background"),
+    ("a pink square bouncing on a plain black background", "a cyan triangle bouncing on a plain black background"),
+    ("a cyan circle orbiting on a striped green background", "an orange circle orbiting on a striped green background"),
+    ("an orange triangle bouncing on a checkered teal background", "a blue triangle bouncing on a checkered teal background"),
+    ("a purple square drifting on a gradient gray background", "a yellow square drifting on a gradient gray background"),
+    ("a red square orbiting on a plain white background", "a blue circle orbiting on a plain white background"),
+    ("a green triangle bouncing on a striped black background", "a pink triangle bouncing on a striped black background"),
+]
+
+LONG_PROMPT = "a red circle bouncing on a striped blue background"
+
+
+def load_generator(weights: str | Path | None = None, cache_threads: int | None = None):
+    """The toy Generator, from the shipped weights or from a given bundle file (to evaluate a training run)."""
+    from packcache import Generator
+    if weights is None:
+        return Generator.from_preset("toy", device="cpu")
+    import torch
+
+    from packcache.compress import MidCompressor
+    from packcache.generator import load_bundle
+    from packcache.model import CausalWanModel
+    from packcache.presets import get_preset
+    from packcache.text import build_text_encoder
+    from packcache.vae import VideoVAE
+    preset = get_preset("toy")
+    model = CausalWanModel(preset.transformer)
+    vae = VideoVAE.build(preset.vae)
+    comp = MidCompressor(preset.compressor, model.dim, model.patch_embedding, vae)
+    load_bundle(Path(weights), model, vae, comp)
+    return Generator._assemble(preset, model, vae, build_text_encoder(preset.text), comp, "cpu", torch.float32)
+
+
+def md_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """cols: (key, header, format)."""
+    head = "| " + " | ".join(h for _, h, _ in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(format(r[k], f) if f else str(r[k]) for k, _, f in cols) + " |" for r in rows]
+    return "\n".join([head, sep] + body)
+
+
+def realtime(gen, chunks: int = 12) -> list[dict]:
+    rows = []
+    for kind in ("packed", "window", "full"):
+        s = gen.open(LONG_PROMPT, seed=0, cache=kind)
+        s.next_chunk()   # warm-up chunk (first chunk: 9 frames, allocation)
+        t = time.perf_counter()
+        frames = 0
+        for _ in range(chunks):
+            frames += len(s.next_chunk())
+        wall = time.perf_counter() - t
+        s.close()
+        rows.append({"cache": kind, "chunks": chunks, "frames": frames, "wall_s": wall,
+                     "fps": frames / wall, "rtf": frames / gen.fps / wall, "s_per_chunk": wall / chunks})
+    return rows
+
+
+def prompt_following(gen, prompts: list[str], chunks: int = 4) -> tuple[list[dict], float]:
+    rows = []
+    hits = total = 0
+    for i, prompt in enumerate(prompts):
+        want = M.prompt_color(prompt)
+        s = gen.open(prompt, seed=100 + i, cache="packed")
+        got = [M.dominant_color(s.next_chunk()) for _ in range(chunks)]
+        s.close()
+        ok = sum(g == want for g in got)
+        hits += ok
+        total += chunks
+        rows.append({"prompt": prompt, "want": want, "got": " ".join(str(g) for g in got), "match": f"{ok}/{chunks}"})
+    return rows, hits / max(1, total)
+
+
+def prompt_switches(gen, pairs, before: int = 3, after: int = 4, transition: str = "cut") -> tuple[list[dict], float]:
+    rows = []
+    within = 0
+    for i, (a, b) in enumerate(pairs):
+        want_a, want_b = M.prompt_color(a), M.prompt_color(b)
+        s = gen.open(a, seed=200 + i, cache="packed")
+        pre = [M.dominant_color(s.next_chunk()) for _ in range(before)]
+        s.set_prompt(b, transition=transition)
+        post = [M.dominant_color(s.next_chunk()) for _ in range(after)]
+        s.close()
+        lag = next((k + 1 for k, c in enumerate(post) if c == want_b), None)
+        stays = lag is not None and all(c == want_b for c in post[lag - 1:])
+        within += int(lag is not None and lag <= 2)
+        rows.append({"from": want_a, "to": want_b, "before": " ".join(map(str, pre)), "after": " ".join(map(str, post)),
+                     "chunks_to_switch": lag if lag is not None else "never", "holds": stays})
+    return rows, within / max(1, len(pairs))
+
+
+def long_run(gen, kind: str, seconds: float, prompt: str = LONG_PROMPT, seed: int = 7) -> dict:
+    s = gen.open(prompt, seed=seed, cache=kind)
+    frames, kv, t = [], {}, time.perf_counter()
+    chunk_walls = []
+    while len(frames) < seconds * gen.fps:
+        c0 = time.perf_counter()
+        frames.extend(s.next_chunk())
+        chunk_walls.append(time.perf_counter() - c0)
+        st = s.stats()
+        kv[st["chunk_index"]] = (st.get("kv_bytes", 0), st.get("attended_tokens", 0))
+    wall = time.perf_counter() - t
+    s.close()
+    frames = np.stack(frames)
+    n = max(kv)
+    return {"kind": kind, "frames": frames, "wall_s": wall, "kv": kv, "chunks": n,
+            "chunk_s_first10": float(np.mean(chunk_walls[1:11])), "chunk_s_last10": float(np.mean(chunk_walls[-10:]))}
+
+
+def save_strip(runs: list[dict], path: Path, every_s: float = 10.0, fps: int = 16, scale: int = 2):
+    from PIL import Image
+    rows = []
+    for r in runs:
+        fr = r["frames"]
+        idx = list(range(0, len(fr), int(every_s * fps)))
+        row = np.concatenate([np.pad(fr[i], ((2, 2), (2, 2), (0, 0)), constant_values=255) for i in idx], axis=1)
+        rows.append(row)
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    img = Image.fromarray(np.concatenate(rows, axis=0))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate the toy world model (tables in toyworld/eval/RESULTS.md)")
+    ap.add_argument("--weights", default=None, help="a bundle .safetensors (default: the shipped toy weights)")
+    ap.add_argument("--out", type=Path, default=HERE / "eval")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=120.0, help="length of the extrapolation runs")
+    ap.add_argument("--full-seconds", type=float, default=None, help="length for the full cache (default: --seconds)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="rt,prompts,switch,long")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    only = set(args.only.split(","))
+    gen = load_generator(args.weights)
+    prompts, pairs = PROMPTS, SWITCHES
+    seconds = args.seconds
+    if args.quick:
+        prompts, pairs, seconds = PROMPTS[::4], SWITCHES[:3], min(seconds, 30.0)
+    results: dict = {"threads": args.threads, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    md = [f"# Toy world evaluation\n\n`python -m toyworld.evaluate {' '.join(argv or [])}` on {os.cpu_count()} CPU "
+          f"cores, torch threads {args.threads}.\n"]
+
+    if "rt" in only:
+        rows = realtime(gen)
+        results["realtime"] = rows
+        md += ["## Real time (64x64, 16 FPS; chunk = 12 frames)\n",
+               md_table(rows, [("cache", "cache", ""), ("fps", "frames/s", ".1f"), ("rtf", "real-time factor", ".2f"),
+                               ("s_per_chunk", "s/chunk", ".3f")]), ""]
+        print(md[-2], flush=True)
+
+    if "prompts" in only:
+        rows, acc = prompt_following(gen, prompts)
+        results["prompt_following"] = {"rows": rows, "accuracy": acc}
+        md += [f"## Prompt following: dominant colour = prompt colour in **{acc:.0%}** of chunks "
+               f"({len(prompts)} prompts x 4 chunks, packed cache)\n",
+               md_table(rows, [("prompt", "prompt", ""), ("want", "colour", ""), ("got", "per-chunk dominant", ""),
+                               ("match", "match", "")]), ""]
+        print(md[-3], flush=True)
+
+    if "switch" in only:
+        rows, rate = prompt_switches(gen, pairs)
+        results["prompt_switch"] = {"rows": rows, "within_2_chunks": rate}
+        md += [f"## Prompt switch (`cut`): new colour dominant within 2 chunks in **{rate:.0%}** of switches\n",
+               md_table(rows, [("from", "from", ""), ("to", "to", ""), ("before", "3 chunks before", ""),
+                               ("after", "4 chunks after", ""), ("chunks_to_switch", "chunks to switch", ""),
+                               ("holds", "holds", "")]), ""]
+        print(md[-3], flush=True)
+
+    if "long" in only:
+        runs, summary = [], []
+        for kind in ("packed", "window", "full"):
+            secs = seconds if kind != "full" or args.full_seconds is None else args.full_seconds
+            r = long_run(gen, kind, secs)
+            r["windows"] = M.window_report(r["frames"], window_s=10.0)
+            runs.append(r)
+            kv10 = r["kv"].get(10, (0, 0))
+            kvn = r["kv"][r["chunks"]]
+            w = r["windows"]
+            summary.append({
+                "cache": kind, "seconds": len(r["frames"]) / 16, "wall_s": r["wall_s"],
+                "subject_first10": w[0]["subject_consistency"], "subject_last": w[-1]["subject_consistency"],
+                "subject_mean": float(np.mean([x["subject_consistency"] for x in w])),
+                "bg_mean": float(np.mean([x["background_stability"] for x in w])),
+                "motion_first": w[0]["motion_px_s"], "motion_last": w[-1]["motion_px_s"],
+                "dyn_mean": float(np.mean([x["dynamic_degree"] for x in w])),
+                "kv10": kv10[0] / 1024, "kvn": kvn[0] / 1024, "tok10": kv10[1], "tokn": kvn[1],
+                "chunk_s_first10": r["chunk_s_first10"], "chunk_s_last10": r["chunk_s_last10"],
+            })
+            print(kind, summary[-1], flush=True)
+        save_strip(runs, args.out / "extrapolation_strip.png")
+        results["long"] = {"summary": summary, "windows": {r["kind"]: r["windows"] for r in runs}}
+        md += [f"## Extrapolation: {seconds:.0f} s (24x the 5 s training clips), prompt \"{LONG_PROMPT}\"\n",
+               "Subject consistency = mean of colour and shape agreement with the first second; background "
+               "stability = 1 - mean |bg pixel difference| vs frame 0; motion = subject centroid speed (px/s, "
+               "frame 64 px); dynamic degree = share of 1 s windows where the subject moves > 3 px/s. Strip: "
+               "`eval/extrapolation_strip.png` (rows packed, window, full; one frame every 10 s).\n",
+               md_table(summary, [("cache", "cache", ""), ("seconds", "video s", ".0f"),
+                                  ("subject_first10", "subject 0-10 s", ".2f"), ("subject_last", "subject last 10 s", ".2f"),
+                                  ("subject_mean", "subject mean", ".2f"), ("bg_mean", "background", ".3f"),
+                                  ("motion_first", "motion 0-10 s", ".1f"), ("motion_last", "motion last 10 s", ".1f"),
+                                  ("dyn_mean", "dynamic degree", ".2f"), ("kv10", "KV KiB @chunk 10", ".0f"),
+                                  ("kvn", "KV KiB @last", ".0f"), ("tokn", "attended tokens @last", ""),
+                                  ("chunk_s_first10", "s/chunk early", ".3f"), ("chunk_s_last10", "s/chunk late", ".3f")]),
+               ""]
+        for r in runs:
+            md += [f"### {r['kind']}: per 10 s window\n",
+                   md_table(r["windows"], [("t0_s", "from s", ".0f"), ("subject_consistency", "subject", ".2f"),
+                                           ("color_consistency", "colour", ".2f"), ("shape_consistency", "shape", ".2f"),
+                                           ("background_stability", "background", ".3f"),
+                                           ("motion_px_s", "motion px/s", ".1f"), ("dynamic_degree", "dynamic", ".2f"),
+                                           ("visible", "subject visible", ".2f")]), ""]
+        print("\n".join(md[-8:]), flush=True)
+
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (args.out / "RESULTS.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {args.out / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""Train the toy world model from scratch: one seeded command, CPU-friendly.
+
+    python -m toyworld.train --out packcache/weights/toy.safetensors
+
+Stages (each saves its state under --work, so a stage can be re-run alone with --stages):
+
+1. `vae`   a small `AutoencoderKLWan` (the toy preset's shape) on 9-frame toy clips: L1 + MSE reconstruction and a
+           light KL. Afterwards the latent normalisation is *folded into* its quant convs, so the preset's
+           latents_mean/std are 0/1 and the encoder emits unit-scale latents directly.
+2. `data`  encode 5-second clips (81 frames -> 21 latent frames = 7 chunks of 3) with the trained VAE; keep the
+           scenes so captions can be re-drawn (augmented) at every step.
+3. `dit`   the causal Wan DiT (packcache.model.CausalWanModel) by flow matching with teacher forcing: the sequence is
+           [clean copy ; noisy copy]; noisy chunk i attends clean chunks < i and itself, the clean copy is
+           block-causal, both copies share temporal positions. One noise level per chunk (diffusion-forcing
+           style), drawn from the 4-step sampler's levels half of the time. Caption augmentation (synonyms,
+           templates) and 10% empty prompts. Random context dropping teaches the model the packed/windowed
+           contexts it meets beyond 5 s.
+4. `hr`    the HR compressor branch, end-to-end through the frozen DiT: chunk i is denoised against
+           [sink chunks ; compressed mid blocks ; recent chunk] and the loss back-propagates into the HR convs.
+
+Everything is written into one safetensors file with key prefixes `transformer.`, `vae.`, `compressor.`, plus a
+JSON sidecar (same stem) with the recipe, losses and wall times. Loss curves are saved as PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .world import World, caption, render
+
+logger = logging.getLogger("toyworld.train")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "packcache" / "weights" / "toy.safetensors"
+
+
+def toy_preset():
+    from packcache.presets import get_preset
+    return get_preset("toy")
+
+
+def set_threads(n: int | None):
+    n = n or int(os.environ.get("TOYWORLD_THREADS", "1"))
+    torch.set_num_threads(n)
+
+
+def to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (F, H, W, 3) -> float (3, F, H, W) in [-1, 1]."""
+    return torch.from_numpy(frames).float().permute(3, 0, 1, 2) / 127.5 - 1.0
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 100, floor: float = 0.05) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def save_curve(path: Path, series: dict[str, list[float]], title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, ys in series.items():
+        if not ys:
+            continue
+        ys = np.asarray(ys, dtype=np.float64)
+        k = max(1, len(ys) // 50)
+        smooth = np.convolve(ys, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(len(smooth)) + k - 1, smooth, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def progress(iterable, total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, mininterval=5.0, dynamic_ncols=True)
+
+
+# ============================================================================================ stage 1: VAE
+
+@dataclass
+class VAERecipe:
+    steps: int = 450
+    batch: int = 8
+    frames: int = 5           # 1 + 4 -> 2 latent frames: trains the first-frame and the grouped (cached) paths
+    lr: float = 2e-3
+    kl_weight: float = 1e-6
+
+
+def build_vae(preset):
+    from diffusers import AutoencoderKLWan
+    return AutoencoderKLWan(**preset.vae.diffusers_kwargs())
+
+
+def vae_batch(world: World, batch: int, frames: int, size: int) -> torch.Tensor:
+    return torch.stack([to_tensor(world.sample(frames, size, augment_caption=False)[0]) for _ in range(batch)])
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float):
+    post = vae.encode(x).latent_dist
+    z = post.sample()
+    rec = vae.decode(z).sample
+    l1 = (rec - x).abs().mean()
+    mse = F.mse_loss(rec, x)
+    kl = post.kl().mean() / z[0].numel()
+    return l1 + mse + kl_weight * kl, {"l1": l1.item(), "mse": mse.item()}
+
+
+def train_vae(preset, work: Path, seed: int, recipe: VAERecipe) -> dict:
+    torch.manual_seed(seed)
+    world = World(seed + 1)
+    vae = build_vae(preset).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    hist = {"l1": [], "mse": []}
+    t0 = time.time()
+    for step in progress(range(recipe.steps), recipe.steps, "vae"):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, recipe.steps, recipe.lr)
+        x = vae_batch(world, recipe.batch, recipe.frames, preset.height)
+        loss, parts = vae_loss(vae, x, recipe.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        for k, v in parts.items():
+            hist[k].append(v)
+        if step % 50 == 0:
+            logger.info("vae step %d l1 %.4f mse %.5f", step, parts["l1"], parts["mse"])
+        if (work / "STOP_VAE").exists():   # manual early stop (time budget); the recipe's number is `steps`
+            logger.warning("vae: stopped early at step %d", step)
+            break
+    wall = time.time() - t0
+    vae.eval()
+    stats = fold_normalisation(vae, world, preset)
+    torch.save(vae.state_dict(), work / "vae.pt")
+    save_curve(work / "loss_vae.png", hist, "VAE reconstruction")
+    info = {"wall_s": wall, "final_l1": float(np.mean(hist["l1"][-50:])), "final_mse": float(np.mean(hist["mse"][-50:])),
+            "latent_stats_before_fold": stats, "history": hist}
+    (work / "vae.json").write_text(json.dumps(info))
+    return info
+
+
+@torch.no_grad()
+def fold_normalisation(vae, world: World, preset, clips: int = 64) -> dict:
+    """Measure per-channel latent mean/std (posterior means) and fold them into the VAE's 1x1x1 quant convs:
+    the encoder then emits (z - mean)/std and the decoder accepts it, so the preset's normalisation is 0/1."""
+    x = vae_batch(world, clips, 21, preset.height)
+    mu = torch.cat([vae.encode(x[i:i + 8]).latent_dist.mean for i in range(0, clips, 8)])
+    mean = mu.mean(dim=(0, 2, 3, 4))
+    std = mu.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+    z = vae.config.z_dim
+    qc, pq = vae.quant_conv, vae.post_quant_conv   # WanCausalConv3d (nn.Conv3d subclasses), kernel 1
+    qc.weight[:z] /= std.view(-1, 1, 1, 1, 1)
+    qc.bias[:z] = (qc.bias[:z] - mean) / std
+    qc.bias[z:] -= 2 * torch.log(std)              # log-variance: shift by -2 log std
+    pq.bias += (pq.weight[:, :, 0, 0, 0] @ mean)
+    pq.weight *= std.view(1, -1, 1, 1, 1)
+    mu2 = torch.cat([vae.encode(x[i:i + 8]).latent_dist.mean for i in range(0, clips, 8)])
+    logger.info("latents after fold: mean %.3f std %.3f", mu2.mean().item(), mu2.std().item())
+    return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+def load_vae(preset, work: Path):
+    vae = build_vae(preset)
+    vae.load_state_dict(torch.load(work / "vae.pt", map_location="cpu"))
+    return vae.eval().requires_grad_(False)
+
+
+# =========================================================================================== stage 2: data
+
+CLIP_FRAMES = 81          # 5 s at 16 FPS -> 21 latent frames = 7 chunks of 3
+
+
+def scene_to_dict(scene) -> dict:
+    import dataclasses
+    return dataclasses.asdict(scene)
+
+
+def scene_from_dict(d: dict):
+    from .world import Background, Scene, ShapeSpec
+    return Scene(background=Background(**d["background"]), shapes=tuple(ShapeSpec(**s) for s in d["shapes"]))
+
+
+@torch.no_grad()
+def make_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8) -> dict:
+    """Encode `clips` 5-second toy clips with the trained VAE -> latents (N, 16, 21, h, w) + their scenes."""
+    vae = load_vae(preset, work)
+    world = World(seed + 2)
+    lat, scenes = [], []
+    t0 = time.time()
+    for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, "data"):
+        xs = []
+        for _ in range(batch):
+            frames, _, scene = world.sample(CLIP_FRAMES, preset.height, augment_caption=False)
+            xs.append(to_tensor(frames))
+            scenes.append(scene_to_dict(scene))
+        lat.append(vae.encode(torch.stack(xs)).latent_dist.mean.half())
+    latents = torch.cat(lat)[:clips]
+    torch.save({"latents": latents, "scenes": scenes[:clips]}, work / "data.pt")
+    info = {"wall_s": time.time() - t0, "clips": clips, "latent_shape": list(latents.shape),
+            "latent_mean": latents.float().mean().item(), "latent_std": latents.float().std().item()}
+    (work / "data.json").write_text(json.dumps(info))
+    return info
+
+
+# ============================================================================================ stage 3: DiT
+
+@dataclass
+class DiTRecipe:
+    steps: int = 1200
+    batch: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    sampler_level_prob: float = 0.5     # share of chunks noised at exactly one of the sampler's 4 levels
+    ctx_noise_prob: float = 0.5         # share of samples whose clean context gets a little noise (robustness)
+    ctx_noise_max: float = 0.1
+    drop_prob: float = 0.5              # share of steps that drop a run of middle chunks (packed/window contexts)
+    switch_prob: float = 0.2            # share of steps that cut to another scene mid-clip (prompt switches)
+    ema: float = 0.995
+
+
+def teacher_forcing_mask(chunk_ids: list[int], tokens_per_frame: int, chunk_frames: int) -> torch.Tensor:
+    """bool (2N, 2N) for the sequence [clean copy ; noisy copy] of the same frames.
+
+    chunk_ids: for each *chunk* of the (possibly subsampled) clip, its order index 0..K-1. Clean chunk a sees clean
+    chunks <= a; noisy chunk i sees clean chunks < i and itself; clean never sees noisy.
+    """
+    k = len(chunk_ids)
+    per_token = torch.arange(k).repeat_interleave(chunk_frames * tokens_per_frame)
+    n = per_token.numel()
+    a = per_token[:, None]
+    b = per_token[None, :]
+    mask = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
+    mask[:n, :n] = b <= a
+    mask[n:, :n] = b < a
+    mask[n:, n:] = b == a
+    return mask
+
+
+class CaptionSampler:
+    """Re-draws a paraphrased caption for a stored scene each time (caption augmentation), and embeds it."""
+
+    def __init__(self, preset, scenes: list[dict], seed: int):
+        from packcache.text import build_text_encoder
+        self.encoder = build_text_encoder(preset.text)
+        self.scenes = [scene_from_dict(d) for d in scenes]
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, idx) -> tuple[torch.Tensor, list[str]]:
+        texts = [caption(self.scenes[int(i)], self.rng if self.rng.random() < 0.8 else None) for i in idx]
+        return self.encoder.encode(texts), texts
+
+
+def build_model(preset, seed: int):
+    from packcache.model import CausalWanModel
+    torch.manual_seed(seed)
+    return CausalWanModel(preset.transformer)
+
+
+def sampler_sigmas(preset) -> list[float]:
+    from packcache.sampler import FlowSampler
+    return FlowSampler(preset.sampler).sigmas
+
+
+def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: DiTRecipe,
+             gen: torch.Generator, keep_chunks: list[int], loss_from_chunk: int = 0) -> torch.Tensor:
+    """Teacher-forcing flow-matching loss on a batch of clips (B, 16, F, h, w), chunks `keep_chunks` only.
+
+    Chunks before `loss_from_chunk` are context only (a prompt switch: they come from another scene)."""
+    T = preset.cache.chunk_frames
+    b = latents.shape[0]
+    frames = torch.cat([torch.arange(c * T, (c + 1) * T) for c in keep_chunks])
+    x0 = latents[:, :, frames].float()
+    k = len(keep_chunks)
+    f = x0.shape[2]
+    levels = torch.tensor(sampler_sigmas(preset))
+    u = torch.rand(b, k, generator=gen)
+    pick = levels[torch.randint(len(levels), (b, k), generator=gen)]
+    sigma = torch.where(torch.rand(b, k, generator=gen) < recipe.sampler_level_prob, pick, u)
+    sig_f = sigma.repeat_interleave(T, dim=1)                                   # (B, F)
+    eps = torch.randn(x0.shape, generator=gen)
+    xn = (1 - sig_f)[:, None, :, None, None] * x0 + sig_f[:, None, :, None, None] * eps
+    ctx_s = torch.rand(b, generator=gen) * recipe.ctx_noise_max
+    ctx_s = torch.where(torch.rand(b, generator=gen) < recipe.ctx_noise_prob, ctx_s, torch.zeros(b))
+    eps2 = torch.randn(x0.shape, generator=gen)
+    xc = (1 - ctx_s)[:, None, None, None, None] * x0 + ctx_s[:, None, None, None, None] * eps2
+    inp = torch.cat([xc, xn], dim=2)
+    timestep = torch.cat([ctx_s[:, None].expand(b, f), sig_f], dim=1) * 1000.0
+    pos = torch.arange(f, dtype=torch.float64)
+    mask = teacher_forcing_mask(list(range(k)), preset.tokens_per_frame, T)
+    v = model.forward_sequence(inp, timestep, text, torch.cat([pos, pos]), mask)[:, :, f:]
+    err = (v.float() - (eps - x0)).pow(2).mean(dim=(1, 3, 4))                   # (B, F)
+    weight = torch.tensor([float(c >= loss_from_chunk) for c in keep_chunks]).repeat_interleave(T)
+    return (err * weight).sum() / (weight.sum() * b)
+
+
+def choose_chunks(rng: np.random.Generator, n_chunks: int, sink: int, drop_prob: float) -> list[int]:
+    """All chunks, or (with drop_prob) the sink chunks then a later run: the contexts bounded caches produce."""
+    if rng.random() >= drop_prob or n_chunks < sink + 3:
+        return list(range(n_chunks))
+    start = int(rng.integers(sink + 1, n_chunks - 1))      # drop chunks sink .. start-1 (at least one)
+    return list(range(sink)) + list(range(start, n_chunks))
+
+
+def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | None = None) -> dict:
+    data = data or torch.load(work / "data.pt")
+    latents = data["latents"]
+    n = latents.shape[0]
+    T = preset.cache.chunk_frames
+    n_chunks = latents.shape[2] // T
+    model = build_model(preset, seed).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    captions = CaptionSampler(preset, data["scenes"], seed + 3)
+    gen = torch.Generator().manual_seed(seed + 4)
+    rng = np.random.default_rng(seed + 5)
+    hist = {"loss": [], "loss_sampler_levels": []}
+    t0 = time.time()
+    for step in progress(range(recipe.steps), recipe.steps, "dit"):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, recipe.steps, recipe.lr, warmup=100)
+        idx = rng.integers(0, n, size=recipe.batch)
+        text, _ = captions(idx)
+        keep = choose_chunks(rng, n_chunks, preset.cache.sink_chunks, recipe.drop_prob)
+        batch = latents[idx]
+        loss_from = 0
+        if rng.random() < recipe.switch_prob:   # context from scene A, prompt and continuation from scene B
+            j = int(rng.choice(keep[1:]))
+            other = latents[rng.integers(0, n, size=recipe.batch)]
+            batch = torch.cat([other[:, :, :j * T], batch[:, :, j * T:]], dim=2)
+            loss_from = j
+        loss = dit_loss(model, batch, text, preset, recipe, gen, keep, loss_from)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(recipe.ema, (1 + step) / (10 + step))
+            for k, v in model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+        hist["loss"].append(loss.item())
+        if step % 100 == 0:
+            logger.info("dit step %d loss %.4f (%.1fs)", step, loss.item(), time.time() - t0)
+            save_curve(work / "loss_dit.png", {"flow-matching loss": hist["loss"]}, "causal DiT (teacher forcing)")
+        if (work / "STOP_DIT").exists():
+            logger.warning("dit: stopped early at step %d", step)
+            break
+        if step % 500 == 499:
+            torch.save(ema, work / "dit_ema.pt")
+    wall = time.time() - t0
+    torch.save(ema, work / "dit_ema.pt")
+    torch.save(model.state_dict(), work / "dit_last.pt")
+    save_curve(work / "loss_dit.png", {"flow-matching loss": hist["loss"]}, "causal DiT (teacher forcing)")
+    info = {"wall_s": wall, "steps": len(hist["loss"]), "final_loss": float(np.mean(hist["loss"][-100:])),
+            "history": hist["loss"]}
+    (work / "dit.json").write_text(json.dumps(info))
+    return info
+
+
+# ========================================================================================== pack and save
+
+def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
+    from safetensors.torch import save_file
+    state = {}
+    for k, v in torch.load(work / "dit_ema.pt").items():
+        state[f"transformer.{k[len('transformer.'):]}" if k.startswith("transformer.") else f"transformer.{k}"] = v
+    for k, v in torch.load(work / "vae.pt").items():
+        state[f"vae.{k}"] = v
+    if (work / "hr.pt").exists():
+        for k, v in torch.load(work / "hr.pt").items():
+            state[f"compressor.{k}"] = v
+    state = {k: v.detach().float().contiguous() for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata={"preset": "toy", "format": "packcache-bundle-1"})
+    sidecar = out.with_suffix(".json")
+    sidecar.write_text(json.dumps(extra_info, indent=2))
+    logger.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
+
+
+# ===================================================================================================== main
+
+STAGES = ("vae", "data", "dit", "hr", "pack")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="safetensors file to write")
+    ap.add_argument("--work", type=Path, default=None, help="working folder for stage outputs (default: next to --out)")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of stages to run, from {STAGES}")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1: on a shared 2-core CPU one thread per process is far faster), or $TOYWORLD_THREADS")
+    ap.add_argument("--vae-steps", type=int, default=VAERecipe.steps)
+    ap.add_argument("--clips", type=int, default=512, help="5-second clips encoded for DiT training")
+    ap.add_argument("--dit-steps", type=int, default=DiTRecipe.steps)
+    ap.add_argument("--hr-steps", type=int, default=300)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    set_threads(args.threads)
+    preset = toy_preset()
+    work = args.work or args.out.parent / "toy_train"
+    work.mkdir(parents=True, exist_ok=True)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    for s in stages:
+        if s not in STAGES:
+            raise SystemExit(f"unknown stage {s!r}; stages: {STAGES}")
+    summary_path = work / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    t_all = time.time()
+    if "vae" in stages:
+        info = train_vae(preset, work, args.seed, VAERecipe(steps=args.vae_steps))
+        logger.info("vae done in %.0fs: l1 %.4f", info["wall_s"], info["final_l1"])
+        summary["vae"] = {k: v for k, v in info.items() if k != "history"}
+    if "data" in stages:
+        info = make_dataset(preset, work, args.seed, args.clips)
+        logger.info("data done in %.0fs", info["wall_s"])
+        summary["data"] = info
+    if "dit" in stages:
+        info = train_dit(preset, work, args.seed, DiTRecipe(steps=args.dit_steps))
+        logger.info("dit done in %.0fs: loss %.4f", info["wall_s"], info["final_loss"])
+        summary["dit"] = {k: v for k, v in info.items() if k != "history"}
+    if "hr" in stages and preset.compressor.mode.startswith("hr"):
+        from .train_hr import train_hr
+        info = train_hr(preset, work, args.seed, steps=args.hr_steps)
+        summary["hr"] = {k: v for k, v in info.items() if k != "history"}
+    summary_path.write_text(json.dumps(summary, indent=2))
+    if "pack" in stages:
+        summary["command"] = "python -m toyworld.train " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        summary["this_run_wall_s"] = time.time() - t_all
+        pack(preset, work, args.out, summary)
+
+
+if __name__ == "__main__":
+    main()
