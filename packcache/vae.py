@@ -1,0 +1,214 @@
+"""Wan VAE wrapper: latent normalisation, encode, and chunk-by-chunk streaming decode.
+
+The diffusers `AutoencoderKLWan` keeps its causal-conv feature cache on the module (`_feat_map`) and clears it on
+every `decode` call, so it can neither continue a video across calls nor serve two sessions at once. Here every
+`StreamingDecoder` owns its cache list and drives the diffusers decoder modules itself, frame by frame exactly as
+`AutoencoderKLWan._decode` does; the VAE module is only read, so many decoders (threads, sessions) can share it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from .errors import PresetError
+from .presets import VAEConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StreamingDecoder", "VideoVAE", "frames_to_uint8"]
+
+
+def _count_causal_convs(module: torch.nn.Module) -> int:
+    """Length of the feature-cache list a Wan encoder/decoder pass indexes into (one slot per causal conv)."""
+    return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
+
+
+class VideoVAE:
+    """A shared, read-only Wan VAE plus the preset's latent normalisation.
+
+    Latents everywhere else in the engine are *normalized*: z_norm = (z - latents_mean) / latents_std.
+    Inputs are cast to the VAE's device/dtype; outputs are float32 (the VAE is usually kept in float32, as
+    diffusers' Wan pipelines do, even when the transformer runs in bf16).
+    """
+
+    def __init__(self, vae: AutoencoderKLWan, config: VAEConfig) -> None:
+        if getattr(vae.config, "patch_size", None) is not None:
+            raise PresetError("patchified Wan VAEs (Wan2.2, patch_size set) are not supported; use a Wan2.1 VAE")
+        if vae.config.z_dim != config.z_dim:
+            raise PresetError(f"VAE has z_dim={vae.config.z_dim} but the preset says z_dim={config.z_dim}")
+        self.vae = vae.eval().requires_grad_(False)
+        self.config = config
+        self._spatial = 2 ** (len(vae.config.dim_mult) - 1)
+        self._temporal = 2 ** sum(bool(t) for t in vae.config.temperal_downsample)
+        if (self._spatial, self._temporal) != (config.spatial_stride, config.temporal_stride):
+            raise PresetError(
+                f"VAE strides (spatial {self._spatial}, temporal {self._temporal}) differ from the preset's "
+                f"(spatial {config.spatial_stride}, temporal {config.temporal_stride})"
+            )
+        if len(config.latents_mean) != config.z_dim or len(config.latents_std) != config.z_dim:
+            raise PresetError(f"latents_mean/latents_std must have z_dim={config.z_dim} entries")
+        self.z_dim = config.z_dim
+        self._enc_convs = _count_causal_convs(vae.encoder)
+        self._dec_convs = _count_causal_convs(vae.decoder)
+        # float32 stats on CPU; moved per call (tiny) so the VAE can be moved between devices freely.
+        self._mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._std = torch.tensor(config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    @classmethod
+    def build(
+        cls, config: VAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> VideoVAE:
+        """Random-init VAE, identical for a given seed and config (global RNG untouched): for tests and benches."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = AutoencoderKLWan(**config.diffusers_kwargs())
+        vae = vae.to(device=device)
+        if dtype != torch.float32:  # diffusers warns on any dtype cast, so cast only when asked to
+            vae = vae.to(dtype=dtype)
+        return cls(vae, config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def spatial_stride(self) -> int:
+        return self._spatial
+
+    @property
+    def temporal_stride(self) -> int:
+        return self._temporal
+
+    def num_frames(self, latent_frames: int, first: bool = True) -> int:
+        """Pixel frames decoded from `latent_frames` latents: 1 + 4(T-1) at the start of a video, 4T after."""
+        if first:
+            return 1 + self._temporal * (latent_frames - 1) if latent_frames > 0 else 0
+        return self._temporal * latent_frames
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._mean.to(like.device), self._std.to(like.device)
+
+    def normalize(self, raw_latents: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents -> the normalized latents the DiT works in (float32)."""
+        mean, std = self._stats(raw_latents)
+        return (raw_latents.float() - mean) / std
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents -> raw VAE latents (float32)."""
+        mean, std = self._stats(latents)
+        return latents.float() * std + mean
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B,3,F,H,W) pixels in [-1,1] -> normalized latent means (B,16,1+(F-1)//4,H/8,W/8), float32.
+
+        Same frame grouping as `AutoencoderKLWan._encode` (first frame alone, then groups of 4) but with a local
+        feature cache, so concurrent encodes on one shared module are safe.
+        """
+        if frames.ndim != 5 or frames.shape[1] != 3:
+            raise ValueError(f"expected frames of shape (B,3,F,H,W), got {tuple(frames.shape)}")
+        _, _, f, h, w = frames.shape
+        s, t = self._spatial, self._temporal
+        if (f - 1) % t or h % s or w % s:
+            raise ValueError(f"frames must have F = 1 + {t}k and H, W divisible by {s}; got F={f}, H={h}, W={w}")
+        x = frames.to(device=self.device, dtype=self.dtype)
+        cache: list[Any] = [None] * self._enc_convs
+        outs = []
+        for i in range(1 + (f - 1) // t):
+            sl = x[:, :, :1] if i == 0 else x[:, :, 1 + t * (i - 1) : 1 + t * i]
+            outs.append(self.vae.encoder(sl, feat_cache=cache, feat_idx=[0]))
+        moments = self.vae.quant_conv(torch.cat(outs, dim=2))
+        return self.normalize(DiagonalGaussianDistribution(moments).mode())
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """One-shot decode of a whole video of normalized latents (a fresh streaming decoder, closed after)."""
+        dec = self.stream_decoder()
+        try:
+            return dec.decode(latents)
+        finally:
+            dec.close()
+
+    def stream_decoder(self) -> StreamingDecoder:
+        return StreamingDecoder(self)
+
+
+class StreamingDecoder:
+    """Decodes a video chunk by chunk, carrying the VAE's causal conv cache across chunks.
+
+    Owns its feature cache, so the result of decoding chunks in sequence equals one-shot `AutoencoderKLWan.decode`
+    of the concatenated latents, and several decoders can run over one shared VAE (also from different threads).
+    One decoder must not be used by two threads at once.
+    """
+
+    def __init__(self, vae: VideoVAE) -> None:
+        self._vae = vae
+        self._cache: list[Any] | None = None
+        self._first = True
+        self._closed = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new video: the next chunk is decoded as the first (1 + 4(T-1) frames)."""
+        if self._closed:
+            raise RuntimeError("StreamingDecoder is closed")
+        self._cache = [None] * self._vae._dec_convs
+        self._first = True
+
+    def close(self) -> None:
+        """Drop the cached feature tensors (they can reach hundreds of MB at 832x480)."""
+        self._cache = None
+        self._closed = True
+
+    @property
+    def started(self) -> bool:
+        """True once a chunk has been decoded since construction/reset."""
+        return not self._first
+
+    def cache_bytes(self) -> int:
+        """Bytes held by this decoder's feature cache (for memory accounting)."""
+        if not self._cache:
+            return 0
+        return sum(c.numel() * c.element_size() for c in self._cache if isinstance(c, torch.Tensor))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents (B,16,T,h,w) -> pixels (B,3,F,8h,8w) in [-1,1], float32.
+
+        F = 1 + 4(T-1) for the first chunk of a video, F = 4T for every later chunk.
+        """
+        if self._closed or self._cache is None:
+            raise RuntimeError("StreamingDecoder is closed")
+        v = self._vae
+        if latents.ndim != 5 or latents.shape[1] != v.z_dim:
+            raise ValueError(f"expected latents of shape (B,{v.z_dim},T,h,w), got {tuple(latents.shape)}")
+        z = v.denormalize(latents).to(device=v.device, dtype=v.dtype)
+        x = v.vae.post_quant_conv(z)  # 1x1x1 conv: needs no temporal cache
+        outs = []
+        for i in range(x.shape[2]):
+            outs.append(
+                v.vae.decoder(x[:, :, i : i + 1], feat_cache=self._cache, feat_idx=[0], first_chunk=self._first)
+            )
+            self._first = False
+        if not outs:
+            b, _, _, h, w = latents.shape
+            return torch.zeros(b, 3, 0, h * v.spatial_stride, w * v.spatial_stride, device=v.device)
+        return torch.clamp(torch.cat(outs, dim=2), -1.0, 1.0).float()
+
+
+def frames_to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(B,3,F,H,W) in [-1,1] -> uint8 (B,F,H,W,3), clamped and rounded: what video encoders and browsers take."""
+    if pixels.ndim != 5 or pixels.shape[1] != 3:
+        raise ValueError(f"expected pixels of shape (B,3,F,H,W), got {tuple(pixels.shape)}")
+    x = ((pixels.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous().cpu().numpy()
