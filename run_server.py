@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Start the live streaming server: python run_server.py, then open the printed URL in a browser.
+
+The server listens at once (so /healthz answers "starting" while the model loads), builds the model on its
+device worker, generates one throwaway chunk (warm-up), and only then accepts viewers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                    # one clear line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):              # "(default: X)" unless the help already says it
+        if "default:" in (action.help or "") or action.default in (None, [], False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _default_preset() -> str:
+    from packcache import PRESETS
+    return "toy" if "toy" in PRESETS else "tiny"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from streamer.config import DEFAULT_PROMPT, ServerConfig
+    from streamer.protocol import Limits
+
+    d, lim = ServerConfig(), Limits()
+    p = _Parser(prog="run_server.py", description="Live AI video streaming server (PackForcing packed KV cache).",
+                formatter_class=_Formatter)
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=d.port, help="HTTP + websocket port")
+    g.add_argument("--token", default=os.environ.get("PACKFORCING_TOKEN"),
+                   help="require this token from clients (?token= or Authorization: Bearer); "
+                        "default: $PACKFORCING_TOKEN, else none")
+    g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow pages from this origin (e.g. https://example.com) to connect; repeatable; "
+                        "'*' allows any; default: same origin only")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=None,
+                   help="model preset (default: 'toy' if installed, else 'tiny'); with --model-dir: the "
+                        "architecture of the weights")
+    g.add_argument("--model-dir", default=None, help="diffusers-format Wan2.1 folder (real weights)")
+    g.add_argument("--checkpoint", default=None, help="Self-Forcing generator checkpoint (with --model-dir)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu… (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    g.add_argument("--cache", default=d.cache, choices=["packed", "window", "full"], help="KV cache policy")
+    g = p.add_argument_group("sessions")
+    g.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                   help="concurrent sessions; one more client gets 'busy'")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt a new session starts with")
+    g.add_argument("--seed", type=int, default=d.default_seed, help="seed a new session starts with")
+    g.add_argument("--chunks-ahead", type=int, default=d.chunks_ahead,
+                   help="chunks generated ahead of playback (bounded buffer)")
+    g.add_argument("--idle-timeout", type=float, default=lim.idle_timeout,
+                   help="seconds a session survives with no video connection and no message")
+    g.add_argument("--ping-interval", type=float, default=d.ping_interval, help="websocket keepalive ping (s)")
+    g.add_argument("--ping-timeout", type=float, default=d.ping_timeout,
+                   help="drop a client whose pong is this late (s)")
+    g.add_argument("--record-dir", default=d.record_dir,
+                   help="where 'record' writes MP4 files; '' disables server-side recording")
+    g.add_argument("--record-all", action="store_true", help="record every session from its start")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def config_from_args(args):
+    from dataclasses import replace
+
+    from streamer.config import ServerConfig
+    from streamer.protocol import Limits
+
+    return ServerConfig(
+        host=args.host, port=args.port, max_sessions=args.max_sessions, token=args.token,
+        allowed_origins=tuple(args.allowed_origin), default_prompt=args.prompt, default_seed=args.seed,
+        cache=args.cache, chunks_ahead=args.chunks_ahead, ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout, record_dir=args.record_dir or None, record_all=args.record_all,
+        limits=replace(Limits(), idle_timeout=args.idle_timeout))
+
+
+def generator_factory(args):
+    """What the device worker calls to build the model (checked here, built there)."""
+    import torch
+
+    from packcache import Generator, get_preset
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"run_server.py: error: --device {device} but no CUDA device is available")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
+                                                           else torch.float32)
+    if args.model_dir:
+        if not os.path.isdir(args.model_dir):
+            raise SystemExit(f"run_server.py: error: --model-dir {args.model_dir} is not a directory")
+        if args.checkpoint and not os.path.isfile(args.checkpoint):
+            raise SystemExit(f"run_server.py: error: --checkpoint {args.checkpoint} is not a file")
+        return lambda: Generator.from_pretrained(args.model_dir, checkpoint=args.checkpoint, device=device,
+                                                 dtype=dtype)
+    if args.checkpoint:
+        raise SystemExit("run_server.py: error: --checkpoint needs --model-dir")
+    preset = args.preset or _default_preset()
+    get_preset(preset)                                   # unknown names fail here, with the known ones listed
+    return lambda: Generator.from_preset(preset, device=device, dtype=dtype)
+
+
+async def serve(args) -> int:
+    from streamer.server import StreamServer
+
+    config = config_from_args(args)
+    factory = generator_factory(args)
+    server = StreamServer(config)
+    try:
+        await server.listen()
+    except OSError as exc:
+        print(f"run_server.py: error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"loading the model… (/healthz says 'starting' until it is warm: {server.url}healthz)", flush=True)
+    load = asyncio.create_task(server.load(factory))
+    await asyncio.wait([load, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if load.done() and load.exception() is not None:
+        exc = load.exception()
+        await server.close()
+        print(f"run_server.py: error: could not load the model: {exc}", file=sys.stderr)
+        return 1
+    if not stop.is_set():
+        url = server.url + (f"?token={config.token}" if config.token else "")
+        print(f"ready: open {url} in a browser  (Ctrl+C stops)", flush=True)
+        await stop.wait()
+    print("shutting down…", flush=True)
+    load.cancel()
+    await server.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "debug":
+        for noisy in ("aioice", "aiortc", "websockets"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config_from_args(args)                         # bad values fail before anything starts
+    except ValueError as exc:
+        print(f"run_server.py: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(args))
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 2
+        raise
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback (--log-level debug shows it)
+        from packcache import PackCacheError
+        if isinstance(exc, PackCacheError):
+            print(f"run_server.py: error: {exc}", file=sys.stderr)
+            return 2
+        logging.getLogger("run_server").debug("fatal", exc_info=True)
+        print(f"run_server.py: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

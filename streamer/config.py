@@ -1,0 +1,53 @@
+"""ServerConfig: everything the server needs to know, in one dataclass (run_server.py fills it from argparse)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .protocol import Limits
+
+WEB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web")
+
+DEFAULT_PROMPT = "a red circle bouncing on a striped blue background"
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080                      # 0 picks a free port (tests); `StreamServer.port` tells which
+    max_sessions: int = 4                 # concurrent generation sessions; one more gets "busy"
+    token: str | None = None              # when set, clients must send it (?token= or Authorization: Bearer)
+    # Origins allowed to open the websocket. Empty: only same-origin pages (Origin's host == Host header) and
+    # clients that send no Origin (scripts). "*" allows any origin.
+    allowed_origins: tuple[str, ...] = ()
+    default_prompt: str = DEFAULT_PROMPT  # what a new session generates until the viewer types something
+    default_seed: int = 0
+    cache: str = "packed"                 # packed | window | full (the engine's cache kinds)
+    chunks_ahead: int = 2                 # chunks generated ahead of playback (the frame buffer's bound)
+    stats_interval: float = 0.5           # seconds between pushed stats messages (protocol promises <= 1 s)
+    ping_interval: float = 5.0            # websocket keepalive: a silent client is dropped after
+    ping_timeout: float = 5.0             #   ping_interval + ping_timeout seconds at most
+    record_dir: str | None = "recordings"  # where `record` writes MP4 files; None disables recording
+    record_all: bool = False              # start recording every session as soon as it opens
+    web_dir: str = WEB_DIR
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {self.max_sessions}")
+        if self.chunks_ahead < 1:
+            raise ValueError(f"chunks_ahead must be at least 1, got {self.chunks_ahead}")
+        if self.cache not in ("packed", "window", "full"):
+            raise ValueError(f"cache must be packed, window or full, got {self.cache!r}")
+        if not 0 < self.stats_interval <= 1.0:
+            raise ValueError("stats_interval must be in (0, 1] seconds")
+        if self.token is not None and not self.token:
+            raise ValueError("token must not be empty")
+        for origin in self.allowed_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"allowed origin {origin!r} must look like http(s)://host[:port] or be '*'")
+        if self.record_all and not self.record_dir:
+            raise ValueError("record_all needs a record_dir")

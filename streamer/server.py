@@ -1,0 +1,580 @@
+"""The streaming server: HTTP (page, /healthz, /metrics) and one websocket per client on one port.
+
+    browser --GET /--------------> process_request: static files from web/, /healthz, /metrics
+            --websocket /ws------> StreamServer._handle -> ClientConnection.run
+                                     refusal checks (origin, token, ready, --max-sessions) -> error + close
+                                     StreamSession.open()  (the session's cache is reserved now)
+                                     welcome; then messages: offer -> answer (generation starts), prompt...
+                                     stats pushed every stats_interval
+            <==WebRTC video======  PacedVideoTrack (16 FPS) <- StreamSession buffer <- DeviceWorker
+
+The server object owns everything (sessions, the device worker, metrics): no module-level state, so tests can
+run two servers in one process. `close()` (SIGINT/SIGTERM in run_server.py) tells every client, closes every
+peer connection, frees every session and stops the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hmac
+import http
+import json
+import logging
+import mimetypes
+import os
+import re
+import secrets
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from . import protocol as P
+from .config import ServerConfig
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
+from .recorder import Mp4Recorder
+from .scheduler import DeviceWorker
+from .session import StreamSession
+from .track import PacedVideoTrack
+
+log = logging.getLogger(__name__)
+
+_STATIC_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+_OFFER_TIMEOUT = 15.0   # seconds for setRemoteDescription + ICE gathering + createAnswer
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str, close_code: int):
+        super().__init__(message)
+        self.code, self.message, self.close_code = code, message, close_code
+
+
+class StreamServer:
+    def __init__(self, config: ServerConfig, generator=None):
+        self.config = config
+        self.generator = generator
+        self.ready = False
+        self.clients: dict[str, ClientConnection] = {}   # sessions holding a slot
+        self.stopping: set[str] = set()                    # sessions being freed (slot already released)
+        self.worker: DeviceWorker | None = None
+        self.metrics = ServerMetrics(sessions=lambda: len(self.clients), ready=lambda: float(self.ready),
+                                     rtf=self.realtime_factor, loop_lag=self.loop_lag)
+        self._ws_server = None
+        self._background: set[asyncio.Task] = set()
+        self._lag: deque[tuple[float, float]] = deque()
+        self._closing = False
+        self.port: int | None = None
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        """Listen, then warm the given generator up; clients are accepted once it is warm."""
+        await self.listen()
+        if self.generator is not None:
+            await self.warm_up()
+
+    async def listen(self) -> None:
+        cfg = self.config
+        self.worker = DeviceWorker(getattr(self.generator, "device", "device") if self.generator else "device")
+        self._ws_server = await serve(
+            self._handle, cfg.host, cfg.port, process_request=self._http,
+            max_size=cfg.limits.hard_max_message_bytes, ping_interval=cfg.ping_interval,
+            ping_timeout=cfg.ping_timeout, close_timeout=2.0, server_header="packforcing-live")
+        self.port = self._ws_server.sockets[0].getsockname()[1]
+        for coro in (self._watch_loop(), self._sweep()):
+            self._spawn(coro)
+        log.info("listening on %s", self.url)
+
+    async def load(self, factory: Callable[[], Any]) -> None:
+        """Build the generator on the device worker (factory() -> Generator), then warm it up."""
+        self.generator = await self.worker.run("server", factory, urgent=True)
+        await self.warm_up()
+
+    async def warm_up(self) -> float:
+        seconds = await self.worker.run("server", self.generator.warmup, urgent=True)
+        self.ready = True
+        log.info("model %s warm (%.2f s); ready", self.generator.preset.name, seconds)
+        return seconds
+
+    async def close(self) -> None:
+        """Tell every client, close peer connections and sessions, stop the worker. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        self.ready = False
+        for client in list(self.clients.values()):
+            await client.send_error("shutting_down", "the server is shutting down", fatal=True)
+        if self._ws_server is not None:
+            self._ws_server.close(code=P.CLOSE_GOING_AWAY, reason="server shutting down")
+            await self._ws_server.wait_closed()      # every handler has returned: sessions are freed
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*list(self._background), return_exceptions=True)
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.close)
+        log.info("server closed")
+
+    async def __aenter__(self):
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        host = f"[{host}]" if ":" in host else ("127.0.0.1" if host in ("0.0.0.0", "") else host)
+        return f"http://{host}:{self.port}/"
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://", 1) + "ws"
+
+    # ---- numbers
+
+    def live_sessions(self) -> int:
+        """Sessions not yet fully freed (holding a slot or still releasing memory/recordings)."""
+        return len(self.clients) + len(self.stopping)
+
+    def realtime_factor(self) -> float:
+        frames = seconds = 0.0
+        for c in self.clients.values():
+            if c.session is not None:
+                n, s = c.session.compute_window()
+                frames, seconds = frames + n, seconds + s
+        fps = self.generator.preset.fps if self.generator is not None else 16
+        return frames / fps / seconds if seconds > 0 else 0.0
+
+    def loop_lag(self, window: float = 10.0) -> float:
+        """Worst event loop lateness (seconds) seen in the last `window` seconds."""
+        t = time.monotonic() - window
+        return max((late for at, late in self._lag if at >= t), default=0.0)
+
+    async def _watch_loop(self, interval: float = 0.02) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(interval)
+            now = loop.time()
+            self._lag.append((time.monotonic(), max(0.0, now - t - interval)))
+            while self._lag and self._lag[0][0] < time.monotonic() - 60.0:
+                self._lag.popleft()
+
+    async def _sweep(self) -> None:
+        """Janus-style sweeper: end sessions with no media connection and no message for limits.idle_timeout."""
+        while True:
+            await asyncio.sleep(1.0)
+            self._sweep_once(time.monotonic())   # a function of its own: the loop keeps no client alive
+
+    def _sweep_once(self, now: float) -> None:
+        limit = self.config.limits.idle_timeout
+        for client in list(self.clients.values()):
+            if client.media_connected():
+                client.last_activity = now
+            elif now - client.last_activity > limit and not client.failing:
+                client.failing = True
+                self._spawn(client.fail("idle_timeout", f"no media connection and no message for {limit:g} s",
+                                        P.CLOSE_NORMAL))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- HTTP
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == "/ws":
+            return None                              # websocket handshake goes on
+        if path == "/healthz":
+            body = {"status": "ready" if self.ready else "starting", "sessions": len(self.clients),
+                    "max_sessions": self.config.max_sessions,
+                    "preset": self.generator.preset.name if self.ready else None}
+            return _response(200 if self.ready else 503, json.dumps(body).encode(), "application/json")
+        if path == "/metrics":
+            return _response(200, self.metrics.render().encode(), METRICS_CONTENT_TYPE)
+        name = "index.html" if path == "/" else path.lstrip("/")
+        file = os.path.join(self.config.web_dir, name)
+        if _STATIC_NAME.match(name) and os.path.isfile(file):
+            with open(file, "rb") as f:
+                body = f.read()
+            ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+            if ctype.startswith("text/") or ctype.endswith("javascript"):
+                ctype += "; charset=utf-8"
+            return _response(200, body, ctype)
+        return _response(404, b"not found\n", "text/plain; charset=utf-8")
+
+    # ---- websocket
+
+    def _check_admission(self, request: Request) -> None:
+        cfg, headers = self.config, request.headers
+        origin = headers.get("Origin")
+        if origin is not None and not _origin_allowed(origin, headers.get("Host", ""), cfg.allowed_origins):
+            raise Refused("forbidden_origin", f"origin {origin[:100]} is not allowed on this server "
+                          "(start it with --allowed-origin)", P.CLOSE_POLICY)
+        if cfg.token is not None:
+            given = parse_qs(urlsplit(request.path).query).get("token", [None])[0]
+            auth = headers.get("Authorization", "")
+            if given is None and auth.lower().startswith("bearer "):
+                given = auth[7:].strip()
+            if given is None or not hmac.compare_digest(given.encode(), cfg.token.encode()):
+                raise Refused("unauthorized", "this server needs a token (?token=... or Authorization: Bearer)"
+                              if given is None else "wrong token", P.CLOSE_POLICY)
+        if not self.ready or self._closing:
+            raise Refused("starting" if not self._closing else "shutting_down",
+                          "the model is still loading; try again in a moment" if not self._closing
+                          else "the server is shutting down", P.CLOSE_TRY_AGAIN_LATER)
+        if len(self.clients) >= cfg.max_sessions:
+            raise Refused("busy", f"the server is full ({cfg.max_sessions} sessions); try again later",
+                          P.CLOSE_TRY_AGAIN_LATER)
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        try:
+            self._check_admission(ws.request)
+        except Refused as r:
+            self.metrics.rejected.inc(reason=r.code)
+            self.metrics.errors.inc(code=r.code)
+            log.info("refused %s: %s", ws.remote_address, r.message)
+            try:
+                await ws.send(P.render_error(r.code, r.message, fatal=True))
+                await ws.close(r.close_code, r.code)
+            except ConnectionClosed:
+                pass
+            return
+        sid = secrets.token_hex(6)
+        client = ClientConnection(self, ws, sid)
+        self.clients[sid] = client                    # the slot is taken before the first await
+        try:
+            await client.run()
+        finally:
+            self.clients.pop(sid, None)
+
+
+class ClientConnection:
+    """One websocket client: its generation session, its peer connection, its recording."""
+
+    def __init__(self, server: StreamServer, ws: ServerConnection, sid: str):
+        self.server, self.ws, self.sid = server, ws, sid
+        cfg = server.config
+        self.session: StreamSession | None = None
+        self.pc: RTCPeerConnection | None = None
+        self.track: PacedVideoTrack | None = None
+        self.recorder: Mp4Recorder | None = None
+        self._recorded_before = 0              # frames of recordings already closed (for stats)
+        self.gate = P.MessageGate(cfg.limits, time.monotonic())
+        self.last_activity = time.monotonic()
+        self.failing = False                   # a fatal error is on its way
+        self._stopped = False
+
+    @property
+    def preset(self):
+        return self.server.generator.preset
+
+    def media_connected(self) -> bool:
+        return self.pc is not None and self.pc.connectionState == "connected"
+
+    # ---- lifecycle
+
+    async def run(self) -> None:
+        server, cfg, preset = self.server, self.server.config, self.preset
+        metrics = server.metrics
+
+        def on_chunk(frames: int, seconds: float, latency: float) -> None:
+            metrics.chunks.inc()
+            metrics.frames_generated.inc(frames)
+            metrics.chunk_seconds.observe(latency)
+
+        def on_error(exc: BaseException) -> None:
+            server._spawn(self.fail("internal", f"generation failed: {exc}", P.CLOSE_INTERNAL))
+
+        self.session = StreamSession(
+            self.sid, server.generator, server.worker, prompt=cfg.default_prompt, seed=cfg.default_seed,
+            cache=cfg.cache, chunks_ahead=cfg.chunks_ahead, fps=preset.fps, on_chunk=on_chunk, on_error=on_error)
+        stats_task = None
+        try:
+            try:
+                await self.session.open()
+            except Exception as exc:  # noqa: BLE001
+                log.exception("session %s: open failed", self.sid)
+                await self.send_error("internal", f"could not open a generation session: {exc}", fatal=True)
+                await self.ws.close(P.CLOSE_INTERNAL, "internal")
+                return
+            metrics.sessions_total.inc()
+            log.info("session %s opened for %s (%d live)", self.sid, self.ws.remote_address, len(server.clients))
+            if cfg.record_all:
+                self._start_recording()
+            await self.send(P.render_welcome(
+                self.sid, fps=preset.fps, width=preset.width, height=preset.height, preset=preset.name,
+                limits=cfg.limits, prompt=cfg.default_prompt, chunks_ahead=cfg.chunks_ahead,
+                recording=cfg.record_dir is not None))
+            stats_task = asyncio.create_task(self._push_stats())
+            async for raw in self.ws:
+                await self._on_message(raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            if stats_task is not None:
+                stats_task.cancel()
+            await self.stop()
+            log.info("session %s closed (%d live)", self.sid, len(server.clients))
+
+    async def stop(self) -> None:
+        """Free everything: track, peer connection, session (its cache), recording. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        # The slot is free at once: the session's close job is queued on the device worker before any later
+        # client's open, so its memory is released before a new session allocates (the worker is sequential).
+        self.server.clients.pop(self.sid, None)
+        self.server.stopping.add(self.sid)
+        try:
+            await self._close_pc()
+            leftover = await self.session.close() if self.session is not None else []
+            if self.recorder is not None:
+                for frame in leftover:                 # generated but never played: keep it in the file
+                    self.recorder.write(frame)
+                await self._stop_recording()
+        finally:
+            self.server.stopping.discard(self.sid)
+
+    async def fail(self, code: str, message: str, close_code: int) -> None:
+        """Send a fatal error and close the websocket (run() then frees the session)."""
+        await self.send_error(code, message, fatal=True)
+        try:
+            await self.ws.close(close_code, code)
+        except ConnectionClosed:
+            pass
+
+    # ---- sending
+
+    async def send(self, text: str) -> None:
+        try:
+            await self.ws.send(text)
+        except ConnectionClosed:
+            pass
+
+    async def send_error(self, code: str, message: str, id: P.MessageId = None, fatal: bool = False) -> None:
+        self.server.metrics.errors.inc(code=code)
+        await self.send(P.render_error(code, message, id, fatal))
+
+    async def _push_stats(self) -> None:
+        interval = self.server.config.stats_interval
+        while True:
+            await asyncio.sleep(interval)
+            await self.send(P.render_stats(self.stats()))
+
+    def stats(self) -> dict[str, Any]:
+        s = self.session.stats()
+        track = self.track
+        s.update({
+            "t": time.time(),
+            "fps_sent": track.fps_sent() if track else 0.0,
+            "frames_sent": track.sent if track else 0,
+            "repeated_frames": track.repeated if track else 0,
+            "skipped_frames": track.skipped if track else 0,
+            "media": self.pc.connectionState if self.pc is not None else "none",
+            "recording": ({"file": os.path.basename(self.recorder.path), "frames": self.recorder.frames}
+                          if self.recorder is not None else None),
+            "sessions": len(self.server.clients),
+        })
+        return s
+
+    # ---- messages
+
+    async def _on_message(self, raw: str | bytes) -> None:
+        now = time.monotonic()
+        self.last_activity = now
+        msg = None
+        try:
+            msg = P.parse_client_message(raw, self.server.config.limits)
+            self.gate.check(msg, now)
+            await self._dispatch(msg)
+        except P.ProtocolError as e:
+            await self.send_error(e.code, e.message, e.id)
+        except ValueError as e:          # the engine's PromptError is a ValueError
+            await self.send_error("bad_value", str(e), getattr(msg, "id", None))
+        except ConnectionClosed:
+            raise
+        except Exception as e:  # noqa: BLE001 - the session lives on
+            log.exception("session %s: handling %s failed", self.sid, type(msg).__name__)
+            await self.send_error("internal", f"{type(e).__name__}: {e}", getattr(msg, "id", None))
+
+    async def _dispatch(self, msg: P.ClientMessage) -> None:
+        s = self.session
+        if isinstance(msg, P.Offer):
+            try:
+                sdp = await asyncio.wait_for(self._negotiate(msg), _OFFER_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise P.ProtocolError("bad_sdp", f"negotiation took over {_OFFER_TIMEOUT:g} s", msg.id) from None
+            await self.send(P.render_answer(sdp, msg.id))
+        elif isinstance(msg, P.Prompt):
+            effective = s.set_prompt(msg.text, msg.transition, msg.blend_chunks)
+            await self.send(P.render_ack("prompt", msg.id, effective_chunk=effective, text=msg.text,
+                                         transition=msg.transition))
+        elif isinstance(msg, P.Pause):
+            s.pause()
+            await self.send(P.render_ack("pause", msg.id, chunk_index=s.chunk_index))
+        elif isinstance(msg, P.Resume):
+            s.resume()
+            await self.send(P.render_ack("resume", msg.id, chunk_index=s.chunk_index))
+        elif isinstance(msg, P.Reset):
+            s.reset(msg.seed)
+            await self.send(P.render_ack("reset", msg.id, effective_chunk=0, seed=msg.seed))
+        elif isinstance(msg, P.Record):
+            await self._record(msg)
+        elif isinstance(msg, P.Ping):
+            await self.send(P.render_pong(msg.id, time.time()))
+
+    async def _negotiate(self, offer: P.Offer) -> str:
+        """Answer an offer with a new peer connection carrying this session's track.
+
+        A second offer (the client re-negotiating) replaces the old peer connection once the new one is
+        answered; a bad offer leaves the running one untouched."""
+        pc = RTCPeerConnection()
+        track = PacedVideoTrack(self.session, fps=self.preset.fps, on_frame=self._on_frame)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+            video = [t for t in pc.getTransceivers() if t.kind == "video"]
+            if not video or video[0].direction not in ("recvonly", "sendrecv"):
+                raise ValueError("the offer has no video section the client can receive on")
+            pc.addTrack(track)
+            await pc.setLocalDescription(await pc.createAnswer())
+            sdp = pc.localDescription.sdp
+        except BaseException as exc:   # aiortc raises IndexError, AttributeError, AssertionError... on bad SDP
+            track.stop()
+            await pc.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise P.ProtocolError("bad_sdp", f"could not negotiate the offer: {type(exc).__name__}: {exc}",
+                                  offer.id) from None
+        await self._close_pc()
+        self.pc, self.track = pc, track
+        self.session.start()                       # generation begins with the first negotiated video
+
+        @pc.on("connectionstatechange")
+        async def on_state():
+            log.info("session %s: media %s", self.sid, pc.connectionState)
+            if pc is self.pc and pc.connectionState == "failed":
+                await self.fail("connection_failed", "the WebRTC connection failed", P.CLOSE_NORMAL)
+
+        return sdp
+
+    async def _close_pc(self) -> None:
+        pc, track = self.pc, self.track
+        self.pc = self.track = None
+        if track is not None:
+            track.stop()
+        if pc is not None:
+            await pc.close()
+
+    def _on_frame(self, frame, fresh: bool) -> None:
+        m = self.server.metrics
+        m.frames_sent.inc()
+        if not fresh:
+            m.frames_repeated.inc()
+        elif self.recorder is not None:
+            self.recorder.write(frame)
+
+    # ---- recording
+
+    async def _record(self, msg: P.Record) -> None:
+        if msg.action == "start":
+            if self.server.config.record_dir is None:
+                raise P.ProtocolError("bad_value", "recording is disabled on this server (see --record-dir)", msg.id)
+            if self.recorder is None:
+                self._start_recording()
+            await self.send(P.render_ack("record", msg.id, action="start", recording=True,
+                                         file=os.path.basename(self.recorder.path)))
+        else:
+            file, frames = await self._stop_recording()
+            await self.send(P.render_ack("record", msg.id, action="stop", recording=False, file=file,
+                                         frames=frames))
+
+    def _start_recording(self) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = os.path.join(self.server.config.record_dir, f"{stamp}-{self.sid}.mp4")
+        n = 1
+        while os.path.exists(path):
+            n += 1
+            path = os.path.join(self.server.config.record_dir, f"{stamp}-{self.sid}-{n}.mp4")
+        rec = Mp4Recorder(path, self.preset.fps, self.preset.width, self.preset.height)
+        rec.start()
+        self.recorder = rec
+        log.info("session %s: recording to %s", self.sid, path)
+
+    async def _stop_recording(self) -> tuple[str | None, int]:
+        rec, self.recorder = self.recorder, None
+        if rec is None:
+            return None, 0
+        frames = await rec.close()
+        log.info("session %s: recording %s closed (%d frames)", self.sid, rec.path, frames)
+        return os.path.basename(rec.path), frames
+
+
+def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
+    if "*" in allowed:
+        return True
+    origin = origin.rstrip("/").lower()
+    if not allowed:                                  # same origin only
+        return urlsplit(origin).netloc == host.lower()
+    return origin in {a.rstrip("/").lower() for a in allowed}
+
+
+def _response(status: int, body: bytes, content_type: str) -> Response:
+    headers = Headers([
+        ("Date", email.utils.formatdate(usegmt=True)),
+        ("Connection", "close"),
+        ("Content-Length", str(len(body))),
+        ("Content-Type", content_type),
+        ("Cache-Control", "no-cache"),
+        ("X-Content-Type-Options", "nosniff"),
+    ])
+    return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+
+class BackgroundServer:
+    """A StreamServer on an event loop thread of its own: for tests, notebooks and benchmarks.
+
+        with BackgroundServer(ServerConfig(port=0), generator) as bg:
+            print(bg.server.url)
+    """
+
+    def __init__(self, config: ServerConfig, generator):
+        self.server = StreamServer(config, generator)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="stream-server", daemon=True)
+
+    def start(self, timeout: float = 120.0) -> "BackgroundServer":
+        self._thread.start()
+        self.call(self.server.start(), timeout)
+        return self
+
+    def call(self, coro, timeout: float | None = 60.0):
+        """Run a coroutine on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        try:
+            self.call(self.server.close(), 60.0)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10.0)
+            self.loop.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,304 @@
+"""One client's generation: drives an engine `GenerationSession` into a bounded frame buffer.
+
+The producer task asks the device worker for one chunk at a time, and only while fewer than `chunks_ahead`
+chunks wait in the buffer: generation runs at most that far ahead of playback and memory never grows. The
+track pops frames from the buffer at 16 FPS; when the buffer is empty it gets the last frame again (underrun).
+
+Engine calls that touch the device (open, next_chunk, close) run on the device worker, so the event loop never
+blocks and a session is never closed mid-chunk. `set_prompt` and `reset` only queue a change inside the engine
+(documented thread-safe, applied before its next chunk), so they are called directly and acknowledged at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any, Callable
+
+import numpy as np
+
+from .scheduler import DeviceWorker
+
+log = logging.getLogger(__name__)
+
+_LATENCY_WINDOW = 64   # chunks kept for latency percentiles and the real-time factor
+
+
+def _percentile(values, q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+class _Signal:
+    """Wake every coroutine waiting for a condition to change (a lock-free asyncio.Condition)."""
+
+    def __init__(self):
+        self._waiters: set[asyncio.Future] = set()
+
+    def notify(self) -> None:
+        for f in self._waiters:
+            if not f.done():
+                f.set_result(None)
+        self._waiters.clear()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> bool:
+        """Wait until predicate() is true; returns True if it had to wait."""
+        waited = False
+        while not predicate():
+            waited = True
+            f = asyncio.get_running_loop().create_future()
+            self._waiters.add(f)
+            try:
+                await f
+            finally:
+                self._waiters.discard(f)
+        return waited
+
+
+class _Chunk:
+    __slots__ = ("index", "frames", "prompt", "pos")
+
+    def __init__(self, index: int, frames: np.ndarray, prompt: str):
+        self.index, self.frames, self.prompt, self.pos = index, frames, prompt, 0
+
+    @property
+    def left(self) -> int:
+        return len(self.frames) - self.pos
+
+
+class StreamSession:
+    """Generation for one client: `await open()`, `start()`, the track pulls frames, `await close()` frees it."""
+
+    def __init__(self, sid: str, generator, worker: DeviceWorker, *, prompt: str, seed: int = 0,
+                 cache: str = "packed", chunks_ahead: int = 2, fps: int = 16,
+                 on_chunk: Callable[[int, float, float], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None):
+        self.sid = sid
+        self.fps = fps
+        self.chunks_ahead = chunks_ahead
+        self._generator = generator
+        self._worker = worker
+        self._prompt0, self._seed, self._cache = prompt, seed, cache
+        self._on_chunk = on_chunk        # (frames, compute seconds, latency seconds) after each chunk
+        self._on_error = on_error
+        self._gs = None                  # the engine's GenerationSession
+        self._buffer: deque[_Chunk] = deque()
+        self._changed = _Signal()
+        self._producer: asyncio.Task | None = None
+        self._epoch = 0                  # bumped by reset: chunks generated before it are dropped
+        self.paused = False
+        self.closed = False
+        self.error: str | None = None
+        # what is generated / what is on screen
+        self.prompt = prompt             # prompt of the latest generated chunk
+        self.requested_prompt = prompt   # latest prompt asked for
+        self._pending: list[tuple[int, str]] = []   # (effective chunk, text) not generated yet
+        self.playing_chunk: int | None = None
+        self.playing_prompt: str | None = None
+        self.chunk_index = 0             # chunks generated so far (the engine's count)
+        self.frames_generated = 0
+        self._last_frame: np.ndarray | None = None
+        self._engine_stats: dict[str, Any] = {}
+        self._compute: deque[tuple[int, float]] = deque(maxlen=_LATENCY_WINDOW)   # (frames, seconds)
+        self._latency: deque[float] = deque(maxlen=_LATENCY_WINDOW)
+        self.opened_at: float | None = None
+        self.first_frame_at: float | None = None
+
+    # ---- lifecycle
+
+    async def open(self) -> None:
+        """Open the engine session: its cache memory is reserved now, before anything streams."""
+        gen, prompt, seed, cache = self._generator, self._prompt0, self._seed, self._cache
+        self._gs = await self._worker.run(self, lambda: gen.open(prompt, seed=seed, cache=cache), urgent=True)
+        self.opened_at = time.monotonic()
+
+    def start(self) -> None:
+        """Start generating into the buffer (idempotent). The server calls it once video is negotiated."""
+        if self._producer is None and not self.closed:
+            self._live()
+            self._producer = asyncio.create_task(self._produce(), name=f"producer-{self.sid}")
+
+    async def close(self) -> list[np.ndarray]:
+        """Stop generating and free the engine session. Returns the frames generated but not yet played."""
+        if self.closed:
+            return []
+        self.closed = True
+        if self._producer is not None:
+            self._producer.cancel()          # aborts a queued chunk job; a running one finishes and is dropped
+            try:
+                await self._producer
+            except BaseException:            # noqa: BLE001 - cancelled or already failed
+                pass
+        leftover = [c.frames[c.pos:] for c in self._buffer if c.left]
+        self._buffer.clear()
+        if self._gs is not None:
+            gs, self._gs = self._gs, None
+            try:
+                await asyncio.shield(self._worker.run(self, gs.close, urgent=True))
+            except Exception as exc:          # noqa: BLE001 - freeing must never raise into the caller
+                log.warning("session %s: close failed: %r", self.sid, exc)
+        self._changed.notify()
+        return [f for block in leftover for f in block]
+
+    # ---- control (called from the server's message handlers)
+
+    def set_prompt(self, text: str, transition: str = "cut", blend_chunks: int = 4) -> int:
+        """Queue a new prompt with the engine; returns the chunk index at which it takes effect.
+
+        The engine's set_prompt only queues (thread-safe, no device work): it is called right here, so the
+        acknowledgement never waits for the chunk in progress. Raises PromptError (a ValueError) on bad input."""
+        effective = int(self._live().set_prompt(text, transition=transition, blend_chunks=blend_chunks))
+        self.requested_prompt = text
+        self._pending = [p for p in self._pending if p[0] < effective] + [(effective, text)]
+        return effective
+
+    def reset(self, seed: int | None = None) -> None:
+        """Restart from chunk 0 with the current prompt; buffered frames and the chunk in progress are dropped."""
+        self._live().reset(seed)             # thread-safe: applied before the engine's next chunk
+        self._epoch += 1
+        if seed is not None:
+            self._seed = seed
+        self._buffer.clear()
+        self.chunk_index = 0
+        self.prompt = self.requested_prompt
+        self._pending.clear()
+        self._changed.notify()
+
+    def pause(self) -> None:
+        self.paused = True
+        self._changed.notify()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._changed.notify()
+
+    def _live(self):
+        if self._gs is None or self.closed:
+            raise RuntimeError("the session is closed")
+        return self._gs
+
+    # ---- producer
+
+    def _room(self) -> bool:
+        return self.closed or (not self.paused and len(self._buffer) < self.chunks_ahead)
+
+    async def _produce(self) -> None:
+        gs = self._gs
+
+        def generate():                      # runs on the device worker thread
+            t = time.monotonic()
+            frames = gs.next_chunk()
+            seconds = time.monotonic() - t
+            return frames, gs.stats(), seconds
+
+        try:
+            while not self.closed:
+                await self._changed.wait_for(self._room)
+                if self.closed:
+                    return
+                epoch, submitted = self._epoch, time.monotonic()
+                frames, info, seconds = await self._worker.run(self, generate)
+                if epoch != self._epoch or self.closed:
+                    continue                 # a reset happened meanwhile: this chunk belongs to the old stream
+                latency = time.monotonic() - submitted
+                self._accept(np.ascontiguousarray(frames), info, seconds, latency)
+                self._changed.notify()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:             # the engine failed: the server ends this session with an error
+            log.exception("session %s: generation failed", self.sid)
+            self.error = f"generation failed: {exc}"
+            if self._on_error is not None:
+                self._on_error(exc)
+
+    def _accept(self, frames: np.ndarray, info: dict, seconds: float, latency: float) -> None:
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise TypeError(f"engine returned frames {frames.shape} {frames.dtype}, expected (T, H, W, 3) uint8")
+        self._engine_stats = info
+        self.chunk_index = int(info.get("chunk_index", self.chunk_index + 1))
+        index = self.chunk_index - 1
+        while self._pending and self._pending[0][0] <= index:
+            self.prompt = self._pending.pop(0)[1]
+        self._buffer.append(_Chunk(index, frames, self.prompt))
+        self.frames_generated += len(frames)
+        self._compute.append((len(frames), seconds))
+        self._latency.append(latency)
+        if self._on_chunk is not None:
+            self._on_chunk(len(frames), seconds, latency)
+
+    # ---- consumer (the track)
+
+    async def wait_playable(self) -> bool:
+        def ready():
+            return self.closed or (not self.paused and (self._buffer or self._last_frame is not None))
+        return await self._changed.wait_for(ready)
+
+    def pop_frame(self) -> tuple[np.ndarray, bool]:
+        while self._buffer and self._buffer[0].left == 0:
+            self._buffer.popleft()
+        if not self._buffer:
+            if self._last_frame is None:     # closed before anything was generated
+                raise RuntimeError("no frame yet")
+            return self._last_frame, False
+        chunk = self._buffer[0]
+        frame = chunk.frames[chunk.pos]
+        chunk.pos += 1
+        self.playing_chunk, self.playing_prompt = chunk.index, chunk.prompt
+        if chunk.left == 0:
+            self._buffer.popleft()
+            self._changed.notify()          # room for the producer
+        if self.first_frame_at is None:
+            self.first_frame_at = time.monotonic()
+        self._last_frame = frame
+        return frame, True
+
+    # ---- numbers
+
+    def buffer_frames(self) -> int:
+        return sum(c.left for c in self._buffer)
+
+    def realtime_factor(self) -> float | None:
+        """Video seconds generated per second of device time, over the recent chunks (>1: faster than real time)."""
+        frames = sum(n for n, _ in self._compute)
+        seconds = sum(s for _, s in self._compute)
+        return frames / self.fps / seconds if seconds > 0 else None
+
+    def compute_window(self) -> tuple[int, float]:
+        return sum(n for n, _ in self._compute), sum(s for _, s in self._compute)
+
+    def stats(self) -> dict[str, Any]:
+        info = self._engine_stats
+        lat = list(self._latency)
+        frames, seconds = self.compute_window()
+        wall = sum(lat)
+        state = ("closed" if self.closed else "paused" if self.paused else
+                 "starting" if self._last_frame is None else "playing")
+        pending = self._pending[-1] if self._pending else None
+        return {
+            "session": self.sid,
+            "state": state,
+            "chunk_index": self.chunk_index,
+            "playing_chunk": self.playing_chunk,
+            "prompt": self.prompt,
+            "playing_prompt": self.playing_prompt,
+            "pending_prompt": {"text": pending[1], "effective_chunk": pending[0]} if pending else None,
+            "seconds_per_chunk": seconds / len(self._compute) if self._compute else None,
+            "chunk_latency_p50": _percentile(lat, 0.5),
+            "chunk_latency_p95": _percentile(lat, 0.95),
+            "rtf": self.realtime_factor(),
+            "rtf_wall": frames / self.fps / wall if wall > 0 else None,
+            "buffer_frames": self.buffer_frames(),
+            "buffer_chunks": len(self._buffer),
+            "frames_generated": self.frames_generated,
+            "cache": {
+                "kv_bytes": info.get("kv_bytes"),
+                "attended_tokens": info.get("attended_tokens"),
+                "partitions": info.get("partitions", {}),
+            },
+        }
