@@ -92,10 +92,23 @@ def config_from_args(args):
 
 
 def generator_factory(args):
-    """What the device worker calls to build the model (checked here, built there)."""
+    """What the device worker calls to build the model. Arguments are checked here (before torch is imported)."""
+    from packcache import get_preset
+
+    if args.model_dir:
+        if not os.path.isdir(args.model_dir):
+            raise SystemExit(f"run_server.py: error: --model-dir {args.model_dir} is not a directory")
+        if args.checkpoint and not os.path.isfile(args.checkpoint):
+            raise SystemExit(f"run_server.py: error: --checkpoint {args.checkpoint} is not a file")
+    elif args.checkpoint:
+        raise SystemExit("run_server.py: error: --checkpoint needs --model-dir")
+    else:
+        preset = args.preset or _default_preset()
+        get_preset(preset)                               # unknown names fail here, with the known ones listed
+
     import torch
 
-    from packcache import Generator, get_preset
+    from packcache import Generator
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -103,16 +116,8 @@ def generator_factory(args):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
                                                            else torch.float32)
     if args.model_dir:
-        if not os.path.isdir(args.model_dir):
-            raise SystemExit(f"run_server.py: error: --model-dir {args.model_dir} is not a directory")
-        if args.checkpoint and not os.path.isfile(args.checkpoint):
-            raise SystemExit(f"run_server.py: error: --checkpoint {args.checkpoint} is not a file")
         return lambda: Generator.from_pretrained(args.model_dir, checkpoint=args.checkpoint, device=device,
                                                  dtype=dtype)
-    if args.checkpoint:
-        raise SystemExit("run_server.py: error: --checkpoint needs --model-dir")
-    preset = args.preset or _default_preset()
-    get_preset(preset)                                   # unknown names fail here, with the known ones listed
     return lambda: Generator.from_preset(preset, device=device, dtype=dtype)
 
 
