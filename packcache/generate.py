@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except PackCacheError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # unwritable --out, full disk: a user's problem, not a bug
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -105,30 +105,33 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, checkpoint: str | Path | None = None,
                         preset: str = "wan2.1-t2v-1.3b", device: str | None = None, dtype: torch.dtype | None = None,
-                        compression: str | None = None) -> "Generator":
+                        compression: str | None = None, height: int | None = None,
+                        width: int | None = None) -> "Generator":
         """A diffusers-format Wan2.1-T2V folder (transformer/, vae/, text_encoder/, tokenizer/), optionally with a
-        Self-Forcing generator checkpoint replacing the transformer weights."""
+        Self-Forcing generator checkpoint (original Wan keys under generator_ema/generator) replacing the
+        transformer weights. Shapes come from the folder's own configs; cache and sampler from the preset."""
         from dataclasses import replace
 
         from .text import build_text_encoder
-        from .weights import load_checkpoint_into, load_pretrained_transformer, load_pretrained_vae
+        from .weights import load_checkpoint_into, load_diffusers_folder
 
         base = get_preset(preset)
-        model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise WeightsError(f"model folder not found: {model_dir}")
-        transformer = load_pretrained_transformer(model_dir)
-        tcfg = replace(base.transformer, **{k: transformer.config[k] for k in (
-            "num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "text_dim", "freq_dim")})
-        model = CausalWanModel(tcfg, transformer)
-        if checkpoint is not None:
-            load_checkpoint_into(model.transformer, checkpoint)
-        vae = VideoVAE(load_pretrained_vae(model_dir), base.vae)
         mode = compression or base.compressor.mode
         if "hr" in mode:
-            raise WeightsError(f"compression {mode!r} needs trained HR-branch weights, which this folder lacks; "
-                               "use --compression lr or pool")
-        p = replace(base, transformer=tcfg, compressor=replace(base.compressor, mode=mode))
+            raise WeightsError(f"compression {mode!r} needs trained HR-branch weights, which no public Wan "
+                               "checkpoint has; use --compression lr or pool")
+        folder = load_diffusers_folder(model_dir)
+        model = CausalWanModel(folder.transformer_config, folder.transformer)
+        if checkpoint is not None:
+            load_checkpoint_into(model.transformer, checkpoint)
+        vae = VideoVAE(folder.vae, folder.vae_config)
+        p = replace(base, transformer=folder.transformer_config, vae=folder.vae_config,
+                    text=replace(base.text, dim=folder.transformer_config.text_dim),
+                    compressor=replace(base.compressor, mode=mode),
+                    height=height or base.height, width=width or base.width)
+        unit = p.vae.spatial_stride * p.transformer.patch_size[1] * 4   # the compressor's 4x token pooling
+        if p.height % unit or p.width % unit:
+            raise PresetError(f"height and width must be multiples of {unit}, got {p.width}x{p.height}")
         compressor = MidCompressor(p.compressor, model.dim, model.patch_embedding, vae)
         device = device or default_device()
         dtype = dtype or _default_dtype(device)
@@ -137,7 +140,10 @@ class Generator:
 
     @classmethod
     def _assemble(cls, preset, model, vae, text, compressor, device, dtype) -> "Generator":
-        model.to(device=device, dtype=dtype)
+        from .weights import to_dtype_keeping_fp32
+
+        model.to(device=device)
+        to_dtype_keeping_fp32(model.transformer, dtype)   # diffusers keeps norms/modulation tables in fp32
         vae.vae.to(device=device)
         if next(vae.vae.parameters()).dtype != dtype:
             from diffusers.utils import logging as dlog
