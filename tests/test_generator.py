@@ -97,3 +97,21 @@ def test_close_frees_cache_and_refuses_more_chunks(gen):
     assert s.cache.sink_k is None and s.cache.mid_k is None
     with pytest.raises(PackCacheError, match="closed"):
         s.next_chunk()
+
+
+def test_cross_attention_kv_computed_once_per_prompt_not_per_step(gen):
+    calls = []
+    hooks = [b.attn2.to_k.register_forward_hook(lambda *a: calls.append(1)) for b in gen.model.transformer.blocks]
+    try:
+        with gen.open("a red circle counted") as s:
+            for _ in range(3):
+                s.next_chunk()
+            per_prompt = len(calls)
+            s.set_prompt("a blue square counted")
+            s.next_chunk()
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = gen.preset.transformer.num_layers
+    assert per_prompt == layers            # 3 chunks x (4 steps + commit + compress) passes, one K/V per layer
+    assert len(calls) == 2 * layers
