@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunks generated ahead of playback (bounded buffer)")
     g.add_argument("--idle-timeout", type=float, default=lim.idle_timeout,
                    help="seconds a session survives with no video connection and no message")
+    g.add_argument("--reconnect-grace", type=float, default=d.reconnect_grace,
+                   help="seconds a session outlives a dropped websocket so the viewer can resume it "
+                        "(same stream, same cache); 0 ends it at once")
     g.add_argument("--ping-interval", type=float, default=d.ping_interval, help="websocket keepalive ping (s)")
     g.add_argument("--ping-timeout", type=float, default=d.ping_timeout,
                    help="drop a client whose pong is this late (s)")
@@ -87,7 +90,8 @@ def config_from_args(args):
         host=args.host, port=args.port, max_sessions=args.max_sessions, token=args.token,
         allowed_origins=tuple(args.allowed_origin), default_prompt=args.prompt, default_seed=args.seed,
         cache=args.cache, chunks_ahead=args.chunks_ahead, ping_interval=args.ping_interval,
-        ping_timeout=args.ping_timeout, record_dir=args.record_dir or None, record_all=args.record_all,
+        ping_timeout=args.ping_timeout, reconnect_grace=args.reconnect_grace,
+        record_dir=args.record_dir or None, record_all=args.record_all,
         limits=replace(Limits(), idle_timeout=args.idle_timeout))
 
 

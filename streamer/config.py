@@ -28,6 +28,9 @@ class ServerConfig:
     stats_interval: float = 0.5           # seconds between pushed stats messages (protocol promises <= 1 s)
     ping_interval: float = 5.0            # websocket keepalive: a silent client is dropped after
     ping_timeout: float = 5.0             #   ping_interval + ping_timeout seconds at most
+    # Seconds a session survives a lost websocket (not a clean close) so the client can resume it with
+    # ?resume=<session>&key=<resume_key> (same cache and position; a new peer connection). 0: ended at once.
+    reconnect_grace: float = 0.0
     record_dir: str | None = "recordings"  # where `record` writes MP4 files; None disables recording
     record_all: bool = False              # start recording every session as soon as it opens
     web_dir: str = WEB_DIR
@@ -49,5 +52,7 @@ class ServerConfig:
         for origin in self.allowed_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"allowed origin {origin!r} must look like http(s)://host[:port] or be '*'")
+        if self.reconnect_grace < 0:
+            raise ValueError("reconnect_grace must be >= 0 seconds")
         if self.record_all and not self.record_dir:
             raise ValueError("record_all needs a record_dir")

@@ -337,10 +337,12 @@ def _finite(x):
 
 
 def render_welcome(session: str, *, fps: int, width: int, height: int, preset: str, limits: Limits,
-                   prompt: str, chunks_ahead: int, recording: bool, resume_key: str | None = None) -> str:
+                   prompt: str, chunks_ahead: int, recording: bool, resume_key: str | None = None,
+                   resumed: bool = False, paused: bool = False, chunk_index: int = 0) -> str:
     msg = {"type": "welcome", "version": PROTOCOL_VERSION, "session": session, "fps": fps, "width": width,
            "height": height, "preset": preset, "prompt": prompt, "chunks_ahead": chunks_ahead,
-           "recording_available": recording, "transitions": list(TRANSITIONS), "limits": limits.to_json()}
+           "recording_available": recording, "transitions": list(TRANSITIONS), "limits": limits.to_json(),
+           "resumed": resumed, "paused": paused, "chunk_index": chunk_index}
     if resume_key is not None:
         msg["resume_key"] = resume_key
     return _dump(msg)

@@ -115,6 +115,8 @@ class StreamServer:
         if self._ws_server is not None:
             self._ws_server.close(code=P.CLOSE_GOING_AWAY, reason="server shutting down")
             await self._ws_server.wait_closed()      # every handler has returned: sessions are freed
+        for client in list(self.clients.values()):  # detached ones (waiting for a resume) have no handler
+            await client.stop()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*list(self._background), return_exceptions=True)
@@ -178,17 +180,19 @@ class StreamServer:
     def _sweep_once(self, now: float) -> None:
         limit = self.config.limits.idle_timeout
         for client in list(self.clients.values()):
+            if client.detached_at is not None:
+                continue                         # waiting for a resume: _expire ends it
             if client.media_connected():
                 client.last_activity = now
             elif now - client.last_activity > limit and not client.failing:
-                client.failing = True
                 self._spawn(client.fail("idle_timeout", f"no media connection and no message for {limit:g} s",
                                         P.CLOSE_NORMAL))
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # ---- HTTP
 
@@ -216,31 +220,47 @@ class StreamServer:
 
     # ---- websocket
 
-    def _check_admission(self, request: Request) -> None:
+    def _check_access(self, request: Request) -> None:
+        """Origin allowlist and token: who may connect at all."""
         cfg, headers = self.config, request.headers
         origin = headers.get("Origin")
         if origin is not None and not _origin_allowed(origin, headers.get("Host", ""), cfg.allowed_origins):
             raise Refused("forbidden_origin", f"origin {origin[:100]} is not allowed on this server "
                           "(start it with --allowed-origin)", P.CLOSE_POLICY)
         if cfg.token is not None:
-            given = parse_qs(urlsplit(request.path).query).get("token", [None])[0]
+            given = _query(request).get("token")
             auth = headers.get("Authorization", "")
             if given is None and auth.lower().startswith("bearer "):
                 given = auth[7:].strip()
             if given is None or not hmac.compare_digest(given.encode(), cfg.token.encode()):
                 raise Refused("unauthorized", "this server needs a token (?token=... or Authorization: Bearer)"
                               if given is None else "wrong token", P.CLOSE_POLICY)
-        if not self.ready or self._closing:
-            raise Refused("starting" if not self._closing else "shutting_down",
-                          "the model is still loading; try again in a moment" if not self._closing
-                          else "the server is shutting down", P.CLOSE_TRY_AGAIN_LATER)
-        if len(self.clients) >= cfg.max_sessions:
-            raise Refused("busy", f"the server is full ({cfg.max_sessions} sessions); try again later",
+
+    def _check_capacity(self) -> None:
+        """Ready and a free slot: whether a new session can start now."""
+        if self._closing:
+            raise Refused("shutting_down", "the server is shutting down", P.CLOSE_TRY_AGAIN_LATER)
+        if not self.ready:
+            raise Refused("starting", "the model is still loading; try again in a moment", P.CLOSE_TRY_AGAIN_LATER)
+        if len(self.clients) >= self.config.max_sessions:
+            raise Refused("busy", f"the server is full ({self.config.max_sessions} sessions); try again later",
                           P.CLOSE_TRY_AGAIN_LATER)
+
+    def _resumable(self, request: Request) -> "ClientConnection | None":
+        """The detached session that ?resume=<session>&key=<resume_key> names, if it is still waiting."""
+        q = _query(request)
+        client = self.clients.get(q.get("resume", ""))
+        if (client is None or client.resume_key is None or client.detached_at is None
+                or not hmac.compare_digest(q.get("key", "").encode(), client.resume_key.encode())):
+            return None
+        return client
 
     async def _handle(self, ws: ServerConnection) -> None:
         try:
-            self._check_admission(ws.request)
+            self._check_access(ws.request)
+            client = self._resumable(ws.request)
+            if client is None:
+                self._check_capacity()
         except Refused as r:
             self.metrics.rejected.inc(reason=r.code)
             self.metrics.errors.inc(code=r.code)
@@ -251,29 +271,33 @@ class StreamServer:
             except ConnectionClosed:
                 pass
             return
+        if client is not None:
+            await client.reattach(ws)
+            return
         sid = secrets.token_hex(6)
-        client = ClientConnection(self, ws, sid)
+        client = ClientConnection(self, sid)
         self.clients[sid] = client                    # the slot is taken before the first await
-        try:
-            await client.run()
-        finally:
-            self.clients.pop(sid, None)
+        await client.run(ws)
 
 
 class ClientConnection:
     """One websocket client: its generation session, its peer connection, its recording."""
 
-    def __init__(self, server: StreamServer, ws: ServerConnection, sid: str):
-        self.server, self.ws, self.sid = server, ws, sid
+    def __init__(self, server: StreamServer, sid: str):
+        self.server, self.sid = server, sid
         cfg = server.config
+        self.ws: ServerConnection | None = None
         self.session: StreamSession | None = None
         self.pc: RTCPeerConnection | None = None
         self.track: PacedVideoTrack | None = None
         self.recorder: Mp4Recorder | None = None
-        self._recorded_before = 0              # frames of recordings already closed (for stats)
         self.gate = P.MessageGate(cfg.limits, time.monotonic())
         self.last_activity = time.monotonic()
-        self.failing = False                   # a fatal error is on its way
+        self.failing = False                   # a fatal error is on its way: no reconnect grace
+        self.resume_key = secrets.token_urlsafe(16) if cfg.reconnect_grace > 0 else None
+        self.detached_at: float | None = None  # websocket lost, waiting reconnect_grace seconds for a resume
+        self._expiry: asyncio.Task | None = None
+        self._track_totals = (0, 0, 0)          # sent, repeated, skipped frames of closed tracks
         self._stopped = False
 
     @property
@@ -285,9 +309,11 @@ class ClientConnection:
 
     # ---- lifecycle
 
-    async def run(self) -> None:
+    async def run(self, ws: ServerConnection) -> None:
+        """The first websocket: open the session, then serve messages until the websocket closes."""
         server, cfg, preset = self.server, self.server.config, self.preset
         metrics = server.metrics
+        self.ws = ws
 
         def on_chunk(frames: int, seconds: float, latency: float) -> None:
             metrics.chunks.inc()
@@ -300,33 +326,72 @@ class ClientConnection:
         self.session = StreamSession(
             self.sid, server.generator, server.worker, prompt=cfg.default_prompt, seed=cfg.default_seed,
             cache=cfg.cache, chunks_ahead=cfg.chunks_ahead, fps=preset.fps, on_chunk=on_chunk, on_error=on_error)
-        stats_task = None
         try:
             try:
                 await self.session.open()
             except Exception as exc:  # noqa: BLE001
                 log.exception("session %s: open failed", self.sid)
-                await self.send_error("internal", f"could not open a generation session: {exc}", fatal=True)
-                await self.ws.close(P.CLOSE_INTERNAL, "internal")
+                await self.fail("internal", f"could not open a generation session: {exc}", P.CLOSE_INTERNAL)
                 return
             metrics.sessions_total.inc()
-            log.info("session %s opened for %s (%d live)", self.sid, self.ws.remote_address, len(server.clients))
+            log.info("session %s opened for %s (%d live)", self.sid, ws.remote_address, len(server.clients))
             if cfg.record_all:
                 self._start_recording()
-            await self.send(P.render_welcome(
-                self.sid, fps=preset.fps, width=preset.width, height=preset.height, preset=preset.name,
-                limits=cfg.limits, prompt=cfg.default_prompt, chunks_ahead=cfg.chunks_ahead,
-                recording=cfg.record_dir is not None))
-            stats_task = asyncio.create_task(self._push_stats())
-            async for raw in self.ws:
-                await self._on_message(raw)
+            await self._serve(resumed=False)
         except ConnectionClosed:
             pass
         finally:
-            if stats_task is not None:
-                stats_task.cancel()
+            await self._disconnected(ws)
+
+    async def reattach(self, ws: ServerConnection) -> None:
+        """A resumed websocket (?resume=&key=): same session, cache and position; the client offers again."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self.ws, self.detached_at, self.last_activity = ws, None, time.monotonic()
+        log.info("session %s resumed by %s", self.sid, ws.remote_address)
+        try:
+            await self._serve(resumed=True)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._disconnected(ws)
+
+    async def _serve(self, resumed: bool) -> None:
+        cfg, preset, s = self.server.config, self.preset, self.session
+        await self.send(P.render_welcome(
+            self.sid, fps=preset.fps, width=preset.width, height=preset.height, preset=preset.name,
+            limits=cfg.limits, prompt=s.requested_prompt, chunks_ahead=cfg.chunks_ahead,
+            recording=cfg.record_dir is not None, resume_key=self.resume_key, resumed=resumed,
+            paused=s.paused, chunk_index=s.chunk_index))
+        stats_task = asyncio.create_task(self._push_stats())
+        try:
+            async for raw in self.ws:
+                await self._on_message(raw)
+        finally:
+            stats_task.cancel()
+
+    async def _disconnected(self, ws: ServerConnection) -> None:
+        """The websocket is gone. End the session, or, with --reconnect-grace, keep it for a resume unless the
+        client said goodbye (close code 1000) or the server ended it."""
+        if ws is not self.ws or self._stopped:
+            return
+        rcvd = ws.protocol.close_rcvd          # the close frame the client sent, if any
+        goodbye = rcvd is not None and rcvd.code == P.CLOSE_NORMAL
+        grace = self.server.config.reconnect_grace
+        if grace > 0 and not goodbye and not self.failing and not self.server._closing and self.session.error is None:
+            await self._close_pc()
+            self.detached_at = time.monotonic()
+            self._expiry = self.server._spawn(self._expire(grace))
+            log.info("session %s detached; kept %g s for a resume", self.sid, grace)
+            return
+        await self.stop()
+        log.info("session %s closed (%d live)", self.sid, len(self.server.clients))
+
+    async def _expire(self, grace: float) -> None:
+        await asyncio.sleep(grace)
+        if self.detached_at is not None:
+            log.info("session %s: no resume within %g s; ending it", self.sid, grace)
             await self.stop()
-            log.info("session %s closed (%d live)", self.sid, len(server.clients))
 
     async def stop(self) -> None:
         """Free everything: track, peer connection, session (its cache), recording. Idempotent."""
@@ -349,6 +414,10 @@ class ClientConnection:
 
     async def fail(self, code: str, message: str, close_code: int) -> None:
         """Send a fatal error and close the websocket (run() then frees the session)."""
+        self.failing = True
+        if self.detached_at is not None:
+            await self.stop()
+            return
         await self.send_error(code, message, fatal=True)
         try:
             await self.ws.close(close_code, code)
@@ -358,6 +427,8 @@ class ClientConnection:
     # ---- sending
 
     async def send(self, text: str) -> None:
+        if self.ws is None:
+            return
         try:
             await self.ws.send(text)
         except ConnectionClosed:
@@ -376,12 +447,15 @@ class ClientConnection:
     def stats(self) -> dict[str, Any]:
         s = self.session.stats()
         track = self.track
+        sent, repeated, skipped = self._track_totals
+        if track is not None:
+            sent, repeated, skipped = sent + track.sent, repeated + track.repeated, skipped + track.skipped
         s.update({
             "t": time.time(),
             "fps_sent": track.fps_sent() if track else 0.0,
-            "frames_sent": track.sent if track else 0,
-            "repeated_frames": track.repeated if track else 0,
-            "skipped_frames": track.skipped if track else 0,
+            "frames_sent": sent,                   # over the session's life, across peer connections
+            "repeated_frames": repeated,
+            "skipped_frames": skipped,
             "media": self.pc.connectionState if self.pc is not None else "none",
             "recording": ({"file": os.path.basename(self.recorder.path), "frames": self.recorder.frames}
                           if self.recorder is not None else None),
@@ -474,6 +548,8 @@ class ClientConnection:
         self.pc = self.track = None
         if track is not None:
             track.stop()
+            a, b, c = self._track_totals
+            self._track_totals = (a + track.sent, b + track.repeated, c + track.skipped)
         if pc is not None:
             await pc.close()
 
@@ -519,6 +595,10 @@ class ClientConnection:
         frames = await rec.close()
         log.info("session %s: recording %s closed (%d frames)", self.sid, rec.path, frames)
         return os.path.basename(rec.path), frames
+
+
+def _query(request: Request) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(request.path).query).items()}
 
 
 def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:

@@ -30,7 +30,8 @@ FRAMES_DECODED = """async () => {
 
 def test_viewer_decodes_video_and_acknowledges_a_typed_prompt(tiny_generator):
     sync_api = pytest.importorskip("playwright.sync_api")
-    with BackgroundServer(ServerConfig(port=0, record_dir=None), tiny_generator) as bg, \
+    config = ServerConfig(port=0, record_dir=None, reconnect_grace=10.0)
+    with BackgroundServer(config, tiny_generator) as bg, \
             sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
@@ -53,5 +54,17 @@ def test_viewer_decodes_video_and_acknowledges_a_typed_prompt(tiny_generator):
             page.wait_for_function("document.getElementById('s-cache').textContent !== '–'", timeout=10_000)
             page.screenshot(path=SCREENSHOT)
             assert page.text_content("#message") == ""                   # no error shown
+
+            # a reload resumes the same stream (sessionStorage + --reconnect-grace): same session, video again
+            session = page.evaluate("window.viewer.welcome.session")
+            page.reload()
+            page.wait_for_function("window.viewer.welcome && window.viewer.welcome.resumed", timeout=30_000)
+            assert page.evaluate("window.viewer.welcome.session") == session
+            page.wait_for_function(f"({FRAMES_DECODED})().then((n) => n >= 8)", timeout=60_000, polling=250)
+            page.click("#connect")                                        # Disconnect: the session ends now
+            wait = time.monotonic() + 5
+            while bg.server.live_sessions() and time.monotonic() < wait:
+                time.sleep(0.05)
+            assert bg.server.live_sessions() == 0
         finally:
             browser.close()

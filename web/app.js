@@ -75,7 +75,19 @@ function wsUrl() {
   const u = new URL("ws", location.href);
   u.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   if (viewer.token) u.searchParams.set("token", viewer.token);
+  const resume = loadResume();                  // a session the server keeps for us (--reconnect-grace)
+  if (resume) { u.searchParams.set("resume", resume.session); u.searchParams.set("key", resume.key); }
   return u.toString();
+}
+
+// sessionStorage survives a page reload, so a reload resumes the same stream while the server keeps it.
+function loadResume() {
+  try { return JSON.parse(sessionStorage.getItem("packforcing-resume") || "null"); } catch { return null; }
+}
+function saveResume(welcome) {
+  if (welcome.resume_key) {
+    sessionStorage.setItem("packforcing-resume", JSON.stringify({ session: welcome.session, key: welcome.resume_key }));
+  } else sessionStorage.removeItem("packforcing-resume");
 }
 
 function connect() {
@@ -131,6 +143,8 @@ function scheduleReconnect(code) {
 function disconnect() {
   viewer.wanted = false;
   clearTimeout(viewer.retryTimer);
+  sessionStorage.removeItem("packforcing-resume");
+  if (viewer.ws) viewer.ws.close(1000, "bye");      // 1000: the server ends the session now (no grace)
   teardown();
   setStatus("disconnected");
   say("");
@@ -213,6 +227,9 @@ function onMessage(msg) {
 
 function onWelcome(msg) {
   viewer.welcome = msg;
+  saveResume(msg);
+  viewer.paused = !!msg.paused;
+  $("pause").textContent = viewer.paused ? "Resume" : "Pause";
   $("token-row").hidden = true;
   document.documentElement.style.setProperty("--aspect", msg.width + " / " + msg.height);
   $("prompt").maxLength = msg.limits.max_prompt_chars;
@@ -228,7 +245,7 @@ function onWelcome(msg) {
     const dd = document.createElement("dd"); dd.textContent = v;
     $("info").append(dt, dd);
   }
-  log("welcome: session " + msg.session + " (" + msg.preset + ")");
+  log((msg.resumed ? "resumed session " : "welcome: session ") + msg.session + " (" + msg.preset + ", chunk " + msg.chunk_index + ")");
   startVideo().catch((e) => { say("Could not start video: " + e.message); log("offer failed: " + e.message); });
 }
 
