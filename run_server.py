@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu… (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    g.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch CPU threads for generation (default: cores - 1, at least 1; 0: torch's default)")
     g.add_argument("--cache", default=d.cache, choices=["packed", "window", "full"], help="KV cache policy")
     g = p.add_argument_group("sessions")
     g.add_argument("--max-sessions", type=int, default=d.max_sessions,
@@ -89,7 +91,8 @@ def config_from_args(args):
     return ServerConfig(
         host=args.host, port=args.port, max_sessions=args.max_sessions, token=args.token,
         allowed_origins=tuple(args.allowed_origin), default_prompt=args.prompt, default_seed=args.seed,
-        cache=args.cache, chunks_ahead=args.chunks_ahead, ping_interval=args.ping_interval,
+        cache=args.cache, cpu_threads=args.cpu_threads, chunks_ahead=args.chunks_ahead,
+        ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout, reconnect_grace=args.reconnect_grace,
         record_dir=args.record_dir or None, record_all=args.record_all,
         limits=replace(Limits(), idle_timeout=args.idle_timeout))
@@ -112,7 +115,7 @@ def generator_factory(args):
 
     import torch
 
-    from packcache import Generator
+    from packcache import Generator, PackCacheError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -122,6 +125,15 @@ def generator_factory(args):
     if args.model_dir:
         return lambda: Generator.from_pretrained(args.model_dir, checkpoint=args.checkpoint, device=device,
                                                  dtype=dtype)
+    if args.preset is None and preset != "tiny":
+        def default_model():
+            try:
+                return Generator.from_preset(preset, device=device, dtype=dtype)
+            except PackCacheError as exc:            # e.g. the toy model's weights are not installed yet
+                logging.getLogger("run_server").warning("preset %r unavailable (%s); serving 'tiny' (random "
+                                                        "weights) instead", preset, exc)
+                return Generator.from_preset("tiny", device=device, dtype=dtype)
+        return default_model
     return lambda: Generator.from_preset(preset, device=device, dtype=dtype)
 
 

@@ -33,8 +33,18 @@ class ServerConfig:
     reconnect_grace: float = 0.0
     record_dir: str | None = "recordings"  # where `record` writes MP4 files; None disables recording
     record_all: bool = False              # start recording every session as soon as it opens
+    # torch intra-op threads of the device worker thread when generating on the CPU. None: one less than the
+    # cores (at least 1), so the event loop and the video encoder keep a core; with every core busy, OpenMP's
+    # spinning threads can make a chunk 10x slower. 0: leave torch's default. (Per thread: tests unaffected.)
+    cpu_threads: int | None = None
     web_dir: str = WEB_DIR
     limits: Limits = field(default_factory=Limits)
+
+    def worker_threads(self) -> int:
+        """torch CPU threads for the device worker (0: torch's default)."""
+        if self.cpu_threads is not None:
+            return self.cpu_threads
+        return max(1, (os.cpu_count() or 2) - 1)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -52,6 +62,8 @@ class ServerConfig:
         for origin in self.allowed_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"allowed origin {origin!r} must look like http(s)://host[:port] or be '*'")
+        if self.cpu_threads is not None and self.cpu_threads < 0:
+            raise ValueError("cpu_threads must be >= 0")
         if self.reconnect_grace < 0:
             raise ValueError("reconnect_grace must be >= 0 seconds")
         if self.record_all and not self.record_dir:

@@ -41,8 +41,10 @@ class _Job:
 class DeviceWorker:
     """Runs jobs on one thread, fairly across owners. `await worker.run(owner, fn)` returns fn()'s result."""
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", init: Callable[[], None] | None = None):
+        """`init` runs first on the worker thread (per-thread settings such as torch's CPU thread count)."""
         self.device = device
+        self._init = init
         self._cv = threading.Condition()
         self._urgent: deque[_Job] = deque()
         self._ring: OrderedDict[Hashable, deque[_Job]] = OrderedDict()
@@ -130,6 +132,11 @@ class DeviceWorker:
             return job
 
     def _loop(self) -> None:
+        if self._init is not None:
+            try:
+                self._init()
+            except Exception:  # noqa: BLE001 - a tuning hook; the worker still works without it
+                log.exception("device worker init failed")
         while True:
             job = self._next_job()
             if job is None:

@@ -83,7 +83,7 @@ class StreamServer:
 
     async def listen(self) -> None:
         cfg = self.config
-        self.worker = DeviceWorker(getattr(self.generator, "device", "device") if self.generator else "device")
+        self.worker = DeviceWorker(str(getattr(self.generator, "device", "device")), init=self._init_worker)
         self._ws_server = await serve(
             self._handle, cfg.host, cfg.port, process_request=self._http,
             max_size=cfg.limits.hard_max_message_bytes, ping_interval=cfg.ping_interval,
@@ -92,6 +92,14 @@ class StreamServer:
         for coro in (self._watch_loop(), self._sweep()):
             self._spawn(coro)
         log.info("listening on %s", self.url)
+
+    def _init_worker(self) -> None:
+        """On the device worker thread: torch's CPU thread count (OpenMP: this thread's own setting)."""
+        n = self.config.worker_threads()
+        if n:
+            import torch
+            torch.set_num_threads(n)
+            log.info("device worker: %d torch CPU thread(s)", n)
 
     async def load(self, factory: Callable[[], Any]) -> None:
         """Build the generator on the device worker (factory() -> Generator), then warm it up."""

@@ -37,6 +37,9 @@ function setStatus(text, kind) {
   const el = $("status");
   el.textContent = text;
   el.className = "pill " + (kind || "idle");
+  const idle = { "connecting…": "Connecting…", "negotiating…": "Starting the video…", reconnecting: "Waiting to reconnect…",
+                 refused: "Not connected.", ended: "Session ended." };
+  $("placeholder-text").textContent = idle[text] || (text === "disconnected" ? "Press Connect to start a live stream." : "");
 }
 
 function say(text, info) {
@@ -253,7 +256,7 @@ function onStats(s) {
   viewer.stats = s;
   $("s-fps").textContent = fmt(s.fps_sent, 0) + (viewer.decodeFps ? " / " + fmt(viewer.decodeFps, 0) : "");
   $("s-decoded").textContent = viewer.decoded || "–";
-  $("s-rtf").textContent = fmt(s.rtf, 2);
+  $("s-rtf").textContent = fmt(s.rtf_wall != null ? s.rtf_wall : s.rtf, 2);   // as this viewer experiences it
   $("s-chunk").textContent = s.chunk_index + (s.playing_chunk != null ? " (▶ " + s.playing_chunk + ")" : "");
   $("s-buffer").textContent = s.buffer_frames + " fr";
   $("s-repeated").textContent = s.repeated_frames;
@@ -381,7 +384,12 @@ function stopRecording() {
 
 $("show-stats").onchange = () => $("overlay").classList.toggle("hidden", !$("show-stats").checked);
 
-$("token-go").onclick = () => { viewer.token = $("token").value.trim(); viewer.attempt = 0; connect(); };
+$("token-row").onsubmit = (ev) => {
+  ev.preventDefault();
+  viewer.token = $("token").value.trim();
+  viewer.attempt = 0;
+  connect();
+};
 
 // Connect on load unless ?autoconnect=0.
 if (new URLSearchParams(location.search).get("autoconnect") !== "0") connect();
