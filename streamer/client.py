@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import json
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription

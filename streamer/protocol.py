@@ -79,7 +79,8 @@ class Limits:
     max_id_chars: int = _limit(64, "ids are echoed back; they only need to be unique per connection")
     max_blend_chunks: int = _limit(32, "32 chunks is ~24 s of video; a longer blend is a slow cut nobody sees")
     max_seed: int = _limit(2**31 - 1, "seeds are passed to torch generators; stay in the signed 32-bit range")
-    message_rate: float = _limit(20.0, "messages per second, sustained: a person clicks far less, a script should batch")
+    message_rate: float = _limit(
+        20.0, "messages per second, sustained: a person clicks far less, a script should batch")
     message_burst: int = _limit(40, "messages accepted at once before the rate applies (a reconnect replays state)")
     prompt_rate: float = _limit(2.0, "prompts per second, sustained: a new prompt only shows up chunk by chunk anyway")
     prompt_burst: int = _limit(5, "prompts accepted at once (typing several quick edits) before the rate applies")

@@ -23,7 +23,9 @@ FRAMES_DECODED = """async () => {
   const pc = window.viewer && window.viewer.pc;
   if (!pc) return 0;
   let n = 0;
-  (await pc.getStats()).forEach((r) => { if (r.type === "inbound-rtp" && r.kind === "video") n = r.framesDecoded || 0; });
+  (await pc.getStats()).forEach((r) => {
+    if (r.type === "inbound-rtp" && r.kind === "video") n = r.framesDecoded || 0;
+  });
   return n;
 }"""
 

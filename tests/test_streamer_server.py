@@ -137,7 +137,7 @@ async def test_bad_input_gets_errors_and_the_stream_goes_on(idle):
             "b8": ({"type": "prompt", "text": "z" * 70_000}, "too_large"),
             "b9": ({"type": "reset", "seed": "seven"}, "bad_value"),
         }
-        for mid, (msg, code) in bad.items():
+        for mid, (msg, _) in bad.items():
             text = msg if isinstance(msg, str) else json.dumps(dict(msg, id=mid))
             await c.send(text)
         await c.send(b"\x00\x01binary")
