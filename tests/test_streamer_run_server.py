@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from streamer.client import StreamClient
@@ -42,14 +43,15 @@ def test_serves_after_warmup_and_sigterm_exits_cleanly(capsys, tiny_generator):
 
     def client():                    # a viewer in another thread; SIGTERM once it receives video
         async def run():
-            url = None
+            url, deadline = None, time.monotonic() + 120
             while url is None:
+                assert time.monotonic() < deadline, "the server never printed its URL"
                 await asyncio.sleep(0.1)
                 url = next((line.split("open ")[1].split()[0] for line in printed if "open http" in line), None)
             async with StreamClient(url.replace("http", "ws") + "ws") as c:
                 await c.start_video()
                 await c.wait_frames(1, timeout=60)
-                os.kill(os.getpid(), signal.SIGTERM)
+                terminate()
                 err = await c.wait_for(lambda m: m["type"] == "error", timeout=15)
                 await asyncio.wait_for(c.ws.wait_closed(), 15)
                 result["client"] = (err["code"], c.ws.close_code)
@@ -57,6 +59,13 @@ def test_serves_after_warmup_and_sigterm_exits_cleanly(capsys, tiny_generator):
             asyncio.run(run())
         except BaseException as exc:  # noqa: BLE001
             result["client"] = exc
+            terminate()                  # serve() must return either way (its handler is installed by now)
+
+    sent = threading.Event()
+
+    def terminate():                     # once: after serve() returns, SIGTERM would kill pytest itself
+        if not sent.is_set():
+            sent.set()
             os.kill(os.getpid(), signal.SIGTERM)
 
     printed = []
@@ -70,9 +79,11 @@ def test_serves_after_warmup_and_sigterm_exits_cleanly(capsys, tiny_generator):
     thread.start()
     run_server.print = tee
     try:
-        assert asyncio.run(run_server.serve(args)) == 0
+        code = asyncio.run(run_server.serve(args))
     finally:
+        sent.set()                       # serve() is over: no more signals from the client thread
         del run_server.print
+    assert code == 0
     thread.join(20)
     assert result["client"] == ("shutting_down", 1001)
     assert any(line.startswith("ready: open http://127.0.0.1:") for line in printed)
