@@ -97,11 +97,18 @@ def progress(iterable, total: int, desc: str):
 
 @dataclass
 class VAERecipe:
-    steps: int = 450
+    steps: int = 2400
     batch: int = 8
     frames: int = 5           # 1 + 4 -> 2 latent frames: trains the first-frame and the grouped (cached) paths
+    image_batch: int = 16     # two steps in three are single frames (first-frame path, 5x cheaper per sample)
+    # Phase B: the encoder learns luminance first and is nearly colour-blind after phase A (red and blue solid
+    # frames get almost the same latent), so a second phase adds an L1 on chroma (x - channel mean).
+    chroma_steps: int = 1200
+    chroma_weight: float = 4.0
+    chroma_lr: float = 1e-3
+    crop: int = 32            # random crops: the convs are size-agnostic and a 32x32 crop costs 1/4 of a frame
     lr: float = 2e-3
-    kl_weight: float = 1e-6
+    kl_weight: float = 1e-4       # weight of the latent L2 penalty
 
 
 def build_vae(preset):
@@ -109,32 +116,74 @@ def build_vae(preset):
     return AutoencoderKLWan(**preset.vae.diffusers_kwargs())
 
 
-def vae_batch(world: World, batch: int, frames: int, size: int) -> torch.Tensor:
-    return torch.stack([to_tensor(world.sample(frames, size, augment_caption=False)[0]) for _ in range(batch)])
+def vae_batch(world: World, batch: int, frames: int, size: int, crop: int | None = None,
+              on_shapes: bool = False) -> torch.Tensor:
+    """Toy clips (B, 3, F, H, W) in [-1, 1]; random crops aligned to the latent grid, or (on_shapes) crops around
+    a shape's first position, so the few saturated pixels (the colours the metrics read) weigh more."""
+    from .world import positions
+    clips = []
+    for _ in range(batch):
+        x, _, scene = world.sample(frames, size, augment_caption=False)
+        if crop and crop < size and on_shapes:
+            s = scene.shapes[int(world.rng.integers(len(scene.shapes)))]
+            cx, cy = (float(v[0]) * size for v in positions(s, np.array([world.last_start / 16.0])))
+            y0 = int(np.clip(round((cy - crop / 2) / 8) * 8, 0, size - crop))
+            x0 = int(np.clip(round((cx - crop / 2) / 8) * 8, 0, size - crop))
+            x = x[:, y0:y0 + crop, x0:x0 + crop]
+        elif crop and crop < size:
+            y0, x0 = (int(v) for v in world.rng.integers(0, size - crop + 1, size=2) // 8 * 8)
+            x = x[:, y0:y0 + crop, x0:x0 + crop]
+        clips.append(to_tensor(np.ascontiguousarray(x)))
+    return torch.stack(clips)
 
 
-def vae_loss(vae, x: torch.Tensor, kl_weight: float):
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """`AutoencoderKLWan._decode` without its final clamp to [-1, 1]: a clamped pixel has no gradient, and at
+    initialisation most pixels are outside the range, which stalls training at the mean colour."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    outs = []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]
+        outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(outs, 2)
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, chroma_weight: float = 0.0):
     post = vae.encode(x).latent_dist
-    z = post.sample()
-    rec = vae.decode(z).sample
+    # The posterior's noise starts at std 1 against tiny means and would bury the signal (the decoder then
+    # settles on the mean image): decode the mean plus a little noise, and keep the latents' scale in check.
+    z = post.mean + 0.05 * post.std * torch.randn_like(post.mean)
+    rec = decode_unclamped(vae, z)
     l1 = (rec - x).abs().mean()
     mse = F.mse_loss(rec, x)
-    kl = post.kl().mean() / z[0].numel()
-    return l1 + mse + kl_weight * kl, {"l1": l1.item(), "mse": mse.item()}
+    reg = post.mean.pow(2).mean()
+    lc = (chroma(rec) - chroma(x)).abs().mean()
+    return l1 + mse + kl_weight * reg + chroma_weight * lc, {"l1": l1.item(), "mse": mse.item(), "chroma": lc.item()}
 
 
-def train_vae(preset, work: Path, seed: int, recipe: VAERecipe) -> dict:
-    torch.manual_seed(seed)
-    world = World(seed + 1)
-    vae = build_vae(preset).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    hist = {"l1": [], "mse": []}
+def train_vae(preset, work: Path, seed: int, recipe: VAERecipe, phase: str = "A") -> dict:
+    """Phase A: reconstruction from scratch. Phase B: continue from phase A's weights with the chroma loss."""
+    torch.manual_seed(seed if phase == "A" else seed + 30)
+    world = World(seed + 1 if phase == "A" else seed + 31)
+    if phase == "A":
+        vae = build_vae(preset).train()
+        steps, lr, cw = recipe.steps, recipe.lr, 0.0
+    else:
+        vae = load_vae(preset, work).train().requires_grad_(True)
+        steps, lr, cw = recipe.chroma_steps, recipe.chroma_lr, recipe.chroma_weight
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    hist = {"l1": [], "mse": [], "chroma": []}
     t0 = time.time()
-    for step in progress(range(recipe.steps), recipe.steps, "vae"):
+    for step in progress(range(steps), steps, f"vae-{phase}"):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, recipe.steps, recipe.lr)
-        x = vae_batch(world, recipe.batch, recipe.frames, preset.height)
-        loss, parts = vae_loss(vae, x, recipe.kl_weight)
+            g["lr"] = cosine_lr(step, steps, lr, warmup=100 if phase == "A" else 20)
+        if step % 3 == 0:
+            x = vae_batch(world, recipe.batch, recipe.frames, preset.height, recipe.crop)
+        else:
+            x = vae_batch(world, recipe.image_batch, 1, preset.height, recipe.crop)
+        loss, parts = vae_loss(vae, x, recipe.kl_weight, cw)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -143,17 +192,21 @@ def train_vae(preset, work: Path, seed: int, recipe: VAERecipe) -> dict:
             hist[k].append(v)
         if step % 50 == 0:
             logger.info("vae step %d l1 %.4f mse %.5f", step, parts["l1"], parts["mse"])
+        if step % 200 == 199:
+            torch.save(vae.state_dict(), work / "vae_unfolded.pt")
         if (work / "STOP_VAE").exists():   # manual early stop (time budget); the recipe's number is `steps`
             logger.warning("vae: stopped early at step %d", step)
             break
     wall = time.time() - t0
     vae.eval()
     stats = fold_normalisation(vae, world, preset)
+    if phase == "A":
+        torch.save(vae.state_dict(), work / "vae_phaseA.pt")
     torch.save(vae.state_dict(), work / "vae.pt")
-    save_curve(work / "loss_vae.png", hist, "VAE reconstruction")
+    save_curve(work / f"loss_vae_{phase}.png", hist, f"VAE phase {phase}")
     info = {"wall_s": wall, "final_l1": float(np.mean(hist["l1"][-50:])), "final_mse": float(np.mean(hist["mse"][-50:])),
             "latent_stats_before_fold": stats, "history": hist}
-    (work / "vae.json").write_text(json.dumps(info))
+    (work / f"vae_{phase}.json").write_text(json.dumps(info))
     return info
 
 
@@ -175,6 +228,76 @@ def fold_normalisation(vae, world: World, preset, clips: int = 64) -> dict:
     mu2 = torch.cat([vae.encode(x[i:i + 8]).latent_dist.mean for i in range(0, clips, 8)])
     logger.info("latents after fold: mean %.3f std %.3f", mu2.mean().item(), mu2.std().item())
     return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+@dataclass
+class DecoderRecipe:
+    steps: int = 2000
+    batch: int = 8
+    image_batch: int = 16
+    frames: int = 9
+    crop: int = 32
+    lr: float = 1e-3
+    chroma_weight: float = 4.0   # extra L1 on colour differences (x - channel mean): the VAE stage learns
+                                 # luminance first and colour late, and the metrics read colour
+
+
+def chroma(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean(dim=1, keepdim=True)
+
+
+def train_decoder(preset, work: Path, seed: int, recipe: DecoderRecipe) -> dict:
+    """Fine-tune only the VAE decoder (and post-quant conv) with the encoder frozen: the latent space the DiT is
+    trained in stays fixed while reconstructions (colours, edges) keep improving. Runs beside the DiT stage."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed + 20)
+    world = World(seed + 21)
+    vae = load_vae(preset, work)
+    train_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p_ in train_params:
+        p_.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(train_params, lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    hist = {"l1": [], "mse": []}
+    t0 = time.time()
+    for step in progress(range(recipe.steps), recipe.steps, "vae-decoder"):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, recipe.steps, recipe.lr, warmup=50)
+        if step % 3 == 0:
+            x = vae_batch(world, recipe.batch, recipe.frames, preset.height, recipe.crop, on_shapes=True)
+        else:
+            x = vae_batch(world, recipe.image_batch, 1, preset.height, recipe.crop, on_shapes=True)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        rec = decode_unclamped(vae, z)
+        l1 = (rec - x).abs().mean()
+        mse = F.mse_loss(rec, x)
+        lc = (chroma(rec) - chroma(x)).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        (l1 + mse + recipe.chroma_weight * lc).backward()
+        torch.nn.utils.clip_grad_norm_(train_params, 1.0)
+        opt.step()
+        hist["l1"].append(l1.item())
+        hist["mse"].append(mse.item())
+        if step % 100 == 0:
+            logger.info("vae-decoder step %d l1 %.4f mse %.5f", step, l1.item(), mse.item())
+        if step % 200 == 199:
+            torch.save(vae.state_dict(), work / "vae_ft.pt")
+        if (work / "STOP_DEC").exists():
+            logger.warning("vae-decoder: stopped early at step %d", step)
+            break
+    torch.save(vae.state_dict(), work / "vae_ft.pt")
+    save_curve(work / "loss_vae_decoder.png", hist, "VAE decoder fine-tune (encoder frozen)")
+    info = {"wall_s": time.time() - t0, "steps": len(hist["l1"]), "final_l1": float(np.mean(hist["l1"][-50:])),
+            "final_mse": float(np.mean(hist["mse"][-50:]))}
+    (work / "vae_decoder.json").write_text(json.dumps(info))
+    return info
+
+
+def _decoder_process(preset_name: str, work: str, seed: int, steps: int):
+    from packcache.presets import get_preset
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train_decoder(get_preset(preset_name), Path(work), seed, DecoderRecipe(steps=steps))
 
 
 def load_vae(preset, work: Path):
@@ -199,21 +322,39 @@ def scene_from_dict(d: dict):
 
 
 @torch.no_grad()
-def make_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8) -> dict:
-    """Encode `clips` 5-second toy clips with the trained VAE -> latents (N, 16, 21, h, w) + their scenes."""
-    vae = load_vae(preset, work)
-    world = World(seed + 2)
+def _encode_shard(args) -> tuple[torch.Tensor, list[dict]]:
+    preset_name, work, seed, clips, batch = args
+    torch.set_num_threads(1)
+    from packcache.presets import get_preset
+    preset = get_preset(preset_name)
+    vae = load_vae(preset, Path(work))
+    world = World(seed)
     lat, scenes = [], []
-    t0 = time.time()
-    for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, "data"):
+    for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, f"data[{seed}]"):
         xs = []
         for _ in range(batch):
             frames, _, scene = world.sample(CLIP_FRAMES, preset.height, augment_caption=False)
             xs.append(to_tensor(frames))
             scenes.append(scene_to_dict(scene))
         lat.append(vae.encode(torch.stack(xs)).latent_dist.mean.half())
-    latents = torch.cat(lat)[:clips]
-    torch.save({"latents": latents, "scenes": scenes[:clips]}, work / "data.pt")
+    return torch.cat(lat)[:clips], scenes[:clips]
+
+
+def make_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8, workers: int = 2) -> dict:
+    """Encode `clips` 5-second toy clips with the trained VAE -> latents (N, 16, 21, h, w) + their scenes.
+    Split over `workers` single-threaded processes (each shard has its own world seed)."""
+    t0 = time.time()
+    per = [clips // workers + (i < clips % workers) for i in range(workers)]
+    jobs = [(preset.name, str(work), seed + 2 + 1000 * i, per[i], batch) for i in range(workers)]
+    if workers > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(workers) as pool:
+            shards = pool.map(_encode_shard, jobs)
+    else:
+        shards = [_encode_shard(jobs[0])]
+    latents = torch.cat([s[0] for s in shards])
+    scenes = [d for s in shards for d in s[1]]
+    torch.save({"latents": latents, "scenes": scenes}, work / "data.pt")
     info = {"wall_s": time.time() - t0, "clips": clips, "latent_shape": list(latents.shape),
             "latent_mean": latents.float().mean().item(), "latent_std": latents.float().std().item()}
     (work / "data.json").write_text(json.dumps(info))
@@ -224,14 +365,14 @@ def make_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8) -> d
 
 @dataclass
 class DiTRecipe:
-    steps: int = 1200
-    batch: int = 8
+    steps: int = 1500
+    batch: int = 4
     lr: float = 1e-3
     weight_decay: float = 0.01
     sampler_level_prob: float = 0.5     # share of chunks noised at exactly one of the sampler's 4 levels
     ctx_noise_prob: float = 0.5         # share of samples whose clean context gets a little noise (robustness)
     ctx_noise_max: float = 0.1
-    drop_prob: float = 0.5              # share of steps that drop a run of middle chunks (packed/window contexts)
+    drop_prob: float = 0.6              # share of steps that drop a run of middle chunks (packed/window contexts)
     switch_prob: float = 0.2            # share of steps that cut to another scene mid-clip (prompt switches)
     ema: float = 0.995
 
@@ -312,11 +453,14 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
 
 
 def choose_chunks(rng: np.random.Generator, n_chunks: int, sink: int, drop_prob: float) -> list[int]:
-    """All chunks, or (with drop_prob) the sink chunks then a later run: the contexts bounded caches produce."""
+    """All chunks, or (with drop_prob) the sink chunks then a run of >= 2 consecutive later chunks, which may
+    start right after the sink or leave a gap: the contexts bounded caches (sink + recent) produce. Shorter
+    sequences are also cheaper."""
     if rng.random() >= drop_prob or n_chunks < sink + 3:
         return list(range(n_chunks))
-    start = int(rng.integers(sink + 1, n_chunks - 1))      # drop chunks sink .. start-1 (at least one)
-    return list(range(sink)) + list(range(start, n_chunks))
+    start = int(rng.integers(sink, n_chunks - 1))
+    end = int(rng.integers(start + 2, n_chunks + 1))
+    return list(range(sink)) + list(range(start, end))
 
 
 def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | None = None) -> dict:
@@ -383,7 +527,8 @@ def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
     state = {}
     for k, v in torch.load(work / "dit_ema.pt").items():
         state[f"transformer.{k[len('transformer.'):]}" if k.startswith("transformer.") else f"transformer.{k}"] = v
-    for k, v in torch.load(work / "vae.pt").items():
+    vae_file = work / "vae_ft.pt" if (work / "vae_ft.pt").exists() else work / "vae.pt"
+    for k, v in torch.load(vae_file).items():
         state[f"vae.{k}"] = v
     if (work / "hr.pt").exists():
         for k, v in torch.load(work / "hr.pt").items():
@@ -398,7 +543,7 @@ def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
 
 # ===================================================================================================== main
 
-STAGES = ("vae", "data", "dit", "hr", "pack")
+STAGES = ("vae", "vae_b", "data", "dit", "decoder", "hr", "pack")
 
 
 def main(argv=None):
@@ -409,9 +554,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1: on a shared 2-core CPU one thread per process is far faster), or $TOYWORLD_THREADS")
     ap.add_argument("--vae-steps", type=int, default=VAERecipe.steps)
-    ap.add_argument("--clips", type=int, default=512, help="5-second clips encoded for DiT training")
+    ap.add_argument("--clips", type=int, default=384, help="5-second clips encoded for DiT training")
     ap.add_argument("--dit-steps", type=int, default=DiTRecipe.steps)
     ap.add_argument("--hr-steps", type=int, default=300)
+    ap.add_argument("--decoder-steps", type=int, default=DecoderRecipe.steps)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -427,17 +573,32 @@ def main(argv=None):
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     t_all = time.time()
     if "vae" in stages:
-        info = train_vae(preset, work, args.seed, VAERecipe(steps=args.vae_steps))
-        logger.info("vae done in %.0fs: l1 %.4f", info["wall_s"], info["final_l1"])
-        summary["vae"] = {k: v for k, v in info.items() if k != "history"}
+        info = train_vae(preset, work, args.seed, VAERecipe(steps=args.vae_steps), phase="A")
+        logger.info("vae phase A done in %.0fs: l1 %.4f", info["wall_s"], info["final_l1"])
+        summary["vae_A"] = {k: v for k, v in info.items() if k != "history"}
+    if "vae" in stages or "vae_b" in stages:
+        info = train_vae(preset, work, args.seed, VAERecipe(), phase="B")
+        logger.info("vae phase B done in %.0fs: l1 %.4f", info["wall_s"], info["final_l1"])
+        summary["vae_B"] = {k: v for k, v in info.items() if k != "history"}
     if "data" in stages:
         info = make_dataset(preset, work, args.seed, args.clips)
         logger.info("data done in %.0fs", info["wall_s"])
         summary["data"] = info
+    dec_proc = None
+    if "decoder" in stages:   # in a second process, beside the DiT (it only needs the frozen encoder)
+        import multiprocessing as mp
+        dec_proc = mp.get_context("spawn").Process(
+            target=_decoder_process, args=(preset.name, str(work), args.seed, args.decoder_steps))
+        dec_proc.start()
     if "dit" in stages:
         info = train_dit(preset, work, args.seed, DiTRecipe(steps=args.dit_steps))
         logger.info("dit done in %.0fs: loss %.4f", info["wall_s"], info["final_loss"])
         summary["dit"] = {k: v for k, v in info.items() if k != "history"}
+    if dec_proc is not None:
+        dec_proc.join()
+        if dec_proc.exitcode != 0:
+            raise SystemExit("the VAE decoder fine-tune failed")
+        summary["vae_decoder"] = json.loads((work / "vae_decoder.json").read_text())
     if "hr" in stages and preset.compressor.mode.startswith("hr"):
         from .train_hr import train_hr
         info = train_hr(preset, work, args.seed, steps=args.hr_steps)

@@ -110,7 +110,7 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
         h = compressor._fit(h, bgrid).flatten(2).transpose(1, 2)               # (B, n_b, D)
         add(lr_tok[:, j] + h, _positions(model, bgrid, mid_starts[k], offsets, spatial_stride=4.0), ("mid", k), 0.0)
     add(model._patchify(sl(recent)), _positions(model, chunk_grid, recent_start), ("recent", 0), 0.0)
-    add(model._patchify(xn), _positions(model, chunk_grid, A), ("noisy", 0), None)
+    add(model._patchify(xn), _positions(model, chunk_grid, A), ("noisy", 0), 0.0)
     tsteps[-1] = (sigma * 1000.0)[:, None].expand(b, n_c)
 
     x = torch.cat(parts, dim=1)

@@ -1,0 +1,80 @@
+"""The shipped toy world model: loads offline, follows colour prompts, switches on a new prompt, and trains."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from toyworld import metrics as M
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "packcache" / "weights" / "toy.safetensors"
+needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason="toy weights not built (python -m toyworld.train)")
+
+
+@pytest.fixture(scope="module")
+def gen():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from packcache import Generator
+    return Generator.from_preset("toy", device="cpu")
+
+
+@needs_weights
+def test_shipped_weights_fit_the_budget():
+    assert WEIGHTS.stat().st_size <= 20 * 1024 * 1024
+
+
+@needs_weights
+def test_red_prompt_gives_a_red_clip(gen):
+    s = gen.open("a red circle bouncing on a striped blue background", seed=0)
+    frames = np.concatenate([s.next_chunk() for _ in range(3)])
+    s.close()
+    assert frames.shape[1:] == (64, 64, 3)
+    assert M.dominant_color(frames) == "red"
+
+
+@needs_weights
+def test_prompt_switch_changes_the_dominant_color(gen):
+    s = gen.open("a green square bouncing on a plain gray background", seed=1)
+    before = np.concatenate([s.next_chunk() for _ in range(2)])
+    s.set_prompt("a blue square bouncing on a plain gray background", transition="cut")
+    after = [s.next_chunk() for _ in range(3)]
+    s.close()
+    assert M.dominant_color(before) == "green"
+    assert M.dominant_color(np.concatenate(after[1:])) == "blue"
+
+
+def test_a_few_training_steps_reduce_the_loss():
+    """The DiT stage on a fixed toy batch (untrained VAE-free latents stand-in: rendered clips pooled to 8x8)."""
+    from toyworld.train import DiTRecipe, build_model, choose_chunks, dit_loss, to_tensor, toy_preset
+    from toyworld.world import World
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # on a busy 2-core machine one thread is several times faster
+    p = toy_preset()
+    world = World(0)
+    clips = [world.sample(84, 64, augment_caption=False)[0] for _ in range(2)]
+    # a cheap, deterministic stand-in for VAE latents: 4x time / 8x space pooling, 16 channels
+    x = torch.stack([to_tensor(c) for c in clips])                                  # (2, 3, 84, 64, 64)
+    lat = torch.nn.functional.avg_pool3d(x, (4, 8, 8))                             # (2, 3, 21, 8, 8)
+    lat = torch.cat([lat] * 5 + [lat[:, :1]], dim=1)                                # (2, 16, 21, 8, 8)
+    text = torch.randn(2, 8, p.text.dim)
+    model = build_model(p, 0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    recipe = DiTRecipe(ctx_noise_prob=0.0)
+    keep = choose_chunks(np.random.default_rng(0), 7, p.cache.sink_chunks, 0.0)[:4]
+
+    def loss_at(seed):
+        return dit_loss(model, lat, text, p, recipe, torch.Generator().manual_seed(seed), keep)
+
+    with torch.no_grad():
+        before = loss_at(123).item()
+    for step in range(8):
+        loss = loss_at(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss_at(123).item()
+    torch.set_num_threads(threads)
+    assert after < 0.9 * before
