@@ -252,6 +252,7 @@ class BoundedKVCache(KVCache):
                 self.importance.update(layer, block_scores(q, ks, self.config.score_head_fraction).cpu(), valid)
             sel = self.importance.top_k(layer, n_sel, valid)
             sel = sel[torch.argsort(self.mid_chunk_ids[sel])]                          # chronological
+        sel = sel.to(self.mid_k.device)          # reused by every pass of this chunk: copy to the device once
         self._selection[layer] = sel
         return sel
 
@@ -265,7 +266,7 @@ class BoundedKVCache(KVCache):
         out_v[:, pos:pos + s] = self.sink_v[layer, :, :s]
         pos += s
         if plan["n_sel"]:
-            sel = self._select(layer, q, plan).to(self.mid_k.device)
+            sel = self._select(layer, q, plan)
             m = plan["n_sel"] * self.geo.block_tokens
             out_k[:, pos:pos + m] = self.mid_k[layer].index_select(1, sel).flatten(1, 2)
             out_v[:, pos:pos + m] = self.mid_v[layer].index_select(1, sel).flatten(1, 2)

@@ -115,7 +115,7 @@ def test_topk_selects_by_affinity_and_orders_chronologically():
     cache.reader().context(0, q)
     sel = cache._selection[0].tolist()
     assert sorted(sel) == sorted(chosen)
-    ids = cache.mid_chunk_ids[sel].tolist()
+    ids = cache.mid_chunk_ids[torch.tensor(sel)].tolist()
     assert ids == sorted(ids)
 
 
