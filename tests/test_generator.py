@@ -7,8 +7,8 @@ from packcache import Generator, PackCacheError, PresetError, PromptError
 
 
 @pytest.fixture(scope="module")
-def gen():
-    return Generator.from_preset("tiny", device="cpu")
+def gen(tiny_generator):
+    return tiny_generator
 
 
 def run(gen, prompt="a red circle", seed=0, chunks=3, cache="packed"):

@@ -18,15 +18,6 @@ TINY = get_preset("tiny").text
 MINILM = TextConfig(kind="minilm", max_tokens=16, dim=384)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """Tiny convs run faster on one thread, and much faster when other processes share the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return build_text_encoder(TINY)

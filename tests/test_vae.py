@@ -17,15 +17,6 @@ H = W = 4  # latent grid (32x32 pixels): the tiny preset's VAE, a smaller frame 
 CHUNK = 3  # latent frames per chunk, as the tiny preset's cache uses
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """Tiny convs run faster on one thread, and much faster when other processes share the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def vae() -> VideoVAE:
     return VideoVAE.build(CFG, seed=0)
