@@ -15,6 +15,7 @@ No asyncio here; `next_chunk` blocks, and `set_prompt`, `reset` and `stats` are 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -92,14 +93,15 @@ class Generator:
             preset = replace(preset, compressor=replace(preset.compressor, mode=compression))
         device = device or default_device()
         dtype = dtype or _default_dtype(device)
-        with torch.random.fork_rng(devices=[]):
+        meta = str(device) == "meta"   # sizing only: shapes and cache bytes, nothing allocated
+        with torch.random.fork_rng(devices=[]), (torch.device("meta") if meta else contextlib.nullcontext()):
             torch.manual_seed(seed)
             model = CausalWanModel(preset.transformer)
-            vae = VideoVAE.build(preset.vae, device="cpu", dtype=torch.float32, seed=seed)
+            vae = VideoVAE.build(preset.vae, device=device if meta else "cpu", dtype=torch.float32, seed=seed)
             compressor = MidCompressor(preset.compressor, model.dim, model.patch_embedding, vae)
-        if preset.weights:
+        if preset.weights and not meta:
             load_bundle(shipped_weights_path(preset.weights), model, vae, compressor)
-        text = build_text_encoder(preset.text, device=device)
+        text = None if meta else build_text_encoder(preset.text, device=device)
         return cls._assemble(preset, model, vae, text, compressor, device, dtype)
 
     @classmethod
@@ -182,6 +184,8 @@ class Generator:
         return build_cache(kind, self.cache_geometry(), self.preset.cache, self.model.rope, self.device, self.dtype)
 
     def open(self, prompt: str, seed: int = 0, cache: str = "packed") -> "GenerationSession":
+        if self.device.type == "meta":
+            raise PresetError("a generator on the meta device is for sizing only (new_cache, parameters)")
         return GenerationSession(self, validate_prompt(prompt), int(seed), cache)
 
     def warmup(self, prompt: str = "warm-up") -> float:

@@ -21,8 +21,9 @@ class Rope3D:
         self.t_dim = head_dim - self.h_dim - self.w_dim
 
         def inv_freq(dim: int) -> torch.Tensor:
-            return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim))
+            return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu")[: dim // 2] / dim))
 
+        # always on the CPU in float64, even when the model is built under a meta-device context
         self.inv_freq_t = inv_freq(self.t_dim)  # (t_dim/2,)
         self.inv_freq_h = inv_freq(self.h_dim)
         self.inv_freq_w = inv_freq(self.w_dim)

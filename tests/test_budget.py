@@ -52,3 +52,20 @@ def test_untrained_hr_branch_adds_nothing_and_pool_mode_needs_no_vae():
     torch.nn.init.normal_(both.hr.proj.weight)
     both(z, (2, 1, 1)).square().sum().backward()
     assert both.hr.temporal.weight.grad.abs().sum() > 0
+
+
+def test_full_size_generator_builds_on_meta_for_sizing():
+    from packcache import Generator, PresetError
+    from packcache.budget import compute_budget as budget
+
+    gen = Generator.from_preset("packforcing-paper", device="meta", dtype=torch.bfloat16)
+    assert sum(p.numel() for p in gen.model.parameters()) == 1_418_996_800
+    assert gen.chunk_grid == (4, 30, 52) and gen.block_grid == (2, 7, 13)
+    stats = gen.new_cache("packed").stats()
+    assert stats.kv_bytes == sum(budget(get_preset("packforcing-paper"), 120).bytes.values())
+    try:
+        gen.open("x")
+    except PresetError as e:
+        assert "meta" in str(e)
+    else:
+        raise AssertionError("opening a session on meta must fail clearly")
