@@ -69,10 +69,11 @@ class TextEncoder:
 
     dim: int
     max_tokens: int
+    model: torch.nn.Module
 
     @property
     def device(self) -> torch.device:
-        raise NotImplementedError
+        return next(self.model.parameters()).device
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -88,10 +89,6 @@ class UMT5TextEncoder(TextEncoder):
         self.dim = model.config.d_model
         self.clean = clean
         self._tok_lock = threading.Lock()  # HF fast tokenizers mutate padding/truncation state per call
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -129,10 +126,6 @@ class MiniLMTextEncoder(TextEncoder):
         self.max_tokens = max_tokens
         self.dim = model.config.hidden_size
         self._tok_lock = threading.Lock()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
