@@ -97,6 +97,24 @@ def md_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, sep] + body)
 
 
+def vae_roundtrip(gen) -> list[dict]:
+    """Does the VAE alone keep each colour? Encode and stream-decode a ground-truth clip per colour."""
+    import torch
+
+    from packcache.vae import frames_to_uint8
+
+    from .world import SHAPE_COLORS, render, single_shape_scene
+    rows = []
+    for i, color in enumerate(SHAPE_COLORS):
+        frames = render(single_shape_scene(color, shape="square", background="solid", bg_color="gray", seed=i), 0, 33, 64)
+        x = torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1.0
+        with torch.no_grad():
+            out = frames_to_uint8(gen.vae.stream_decoder().decode(gen.vae.encode(x)))[0]
+        rows.append({"color": color, "decoded": str(M.dominant_color(out)),
+                     "l1": float(np.abs(out.astype(np.float32) - frames.astype(np.float32)).mean() / 255)})
+    return rows
+
+
 def realtime(gen, chunks: int = 12) -> list[dict]:
     rows = []
     for kind in ("packed", "window", "full"):
@@ -187,7 +205,7 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=120.0, help="length of the extrapolation runs")
     ap.add_argument("--full-seconds", type=float, default=None, help="length for the full cache (default: --seconds)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="rt,prompts,switch,long")
+    ap.add_argument("--only", default="vae,rt,prompts,switch,long")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -202,6 +220,15 @@ def main(argv=None):
     results: dict = {"threads": args.threads, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     md = [f"# Toy world evaluation\n\n`python -m toyworld.evaluate {' '.join(argv or [])}` on {os.cpu_count()} CPU "
           f"cores, torch threads {args.threads}.\n"]
+
+    if "vae" in only:
+        rows = vae_roundtrip(gen)
+        ok = sum(r["color"] == r["decoded"] for r in rows)
+        results["vae_roundtrip"] = rows
+        md += [f"## VAE alone: encode + decode keeps the colour for {ok}/{len(rows)} colours\n",
+               md_table(rows, [("color", "colour", ""), ("decoded", "decoded as", ""), ("l1", "mean |error|", ".3f")]),
+               ""]
+        print(md[-2], flush=True)
 
     if "rt" in only:
         rows = realtime(gen)

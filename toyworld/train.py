@@ -232,7 +232,7 @@ def fold_normalisation(vae, world: World, preset, clips: int = 64) -> dict:
 
 @dataclass
 class DecoderRecipe:
-    steps: int = 2000
+    steps: int = 4000
     batch: int = 8
     image_batch: int = 16
     frames: int = 9
@@ -300,9 +300,9 @@ def _decoder_process(preset_name: str, work: str, seed: int, steps: int):
     train_decoder(get_preset(preset_name), Path(work), seed, DecoderRecipe(steps=steps))
 
 
-def load_vae(preset, work: Path):
+def load_vae(preset, work: Path, name: str = "vae.pt"):
     vae = build_vae(preset)
-    vae.load_state_dict(torch.load(work / "vae.pt", map_location="cpu"))
+    vae.load_state_dict(torch.load(work / name, map_location="cpu"))
     return vae.eval().requires_grad_(False)
 
 
@@ -365,7 +365,7 @@ def make_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8, work
 
 @dataclass
 class DiTRecipe:
-    steps: int = 1500
+    steps: int = 4000
     batch: int = 4
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -374,6 +374,8 @@ class DiTRecipe:
     ctx_noise_max: float = 0.1
     drop_prob: float = 0.6              # share of steps that drop a run of middle chunks (packed/window contexts)
     switch_prob: float = 0.2            # share of steps that cut to another scene mid-clip (prompt switches)
+    stop_at: int | None = None          # end early (the LR schedule still spans `steps`)
+    first_chunk_weight: float = 1.0     # loss weight of the text-only first chunk (phase B raises it)
     ema: float = 0.995
 
 
@@ -448,7 +450,8 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
     mask = teacher_forcing_mask(list(range(k)), preset.tokens_per_frame, T)
     v = model.forward_sequence(inp, timestep, text, torch.cat([pos, pos]), mask)[:, :, f:]
     err = (v.float() - (eps - x0)).pow(2).mean(dim=(1, 3, 4))                   # (B, F)
-    weight = torch.tensor([float(c >= loss_from_chunk) for c in keep_chunks]).repeat_interleave(T)
+    weight = torch.tensor([float(c >= loss_from_chunk) * (recipe.first_chunk_weight if c == 0 else 1.0)
+                           for c in keep_chunks]).repeat_interleave(T)
     return (err * weight).sum() / (weight.sum() * b)
 
 
@@ -463,13 +466,17 @@ def choose_chunks(rng: np.random.Generator, n_chunks: int, sink: int, drop_prob:
     return list(range(sink)) + list(range(start, end))
 
 
-def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | None = None) -> dict:
+def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | None = None, phase: str = "A") -> dict:
+    """Phase A from scratch; phase B continues from phase A's last weights (fresh optimizer, EMA and schedule)."""
     data = data or torch.load(work / "data.pt")
     latents = data["latents"]
     n = latents.shape[0]
     T = preset.cache.chunk_frames
     n_chunks = latents.shape[2] // T
     model = build_model(preset, seed).train()
+    if phase == "B":
+        model.load_state_dict(torch.load(work / "dit_last.pt"))
+        seed = seed + 100
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -478,7 +485,8 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
     rng = np.random.default_rng(seed + 5)
     hist = {"loss": [], "loss_sampler_levels": []}
     t0 = time.time()
-    for step in progress(range(recipe.steps), recipe.steps, "dit"):
+    total = recipe.stop_at or recipe.steps
+    for step in progress(range(total), total, f"dit-{phase}"):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, recipe.steps, recipe.lr, warmup=100)
         idx = rng.integers(0, n, size=recipe.batch)
@@ -504,8 +512,8 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
         hist["loss"].append(loss.item())
         if step % 100 == 0:
             logger.info("dit step %d loss %.4f (%.1fs)", step, loss.item(), time.time() - t0)
-            save_curve(work / "loss_dit.png", {"flow-matching loss": hist["loss"]}, "causal DiT (teacher forcing)")
-        if (work / "STOP_DIT").exists():
+            save_curve(work / f"loss_dit_{phase}.png", {"flow-matching loss": hist["loss"]}, f"causal DiT phase {phase}")
+        if (work / f"STOP_DIT_{phase}").exists():
             logger.warning("dit: stopped early at step %d", step)
             break
         if step % 500 == 499:
@@ -513,10 +521,10 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
     wall = time.time() - t0
     torch.save(ema, work / "dit_ema.pt")
     torch.save(model.state_dict(), work / "dit_last.pt")
-    save_curve(work / "loss_dit.png", {"flow-matching loss": hist["loss"]}, "causal DiT (teacher forcing)")
+    save_curve(work / f"loss_dit_{phase}.png", {"flow-matching loss": hist["loss"]}, f"causal DiT phase {phase}")
     info = {"wall_s": wall, "steps": len(hist["loss"]), "final_loss": float(np.mean(hist["loss"][-100:])),
             "history": hist["loss"]}
-    (work / "dit.json").write_text(json.dumps(info))
+    (work / f"dit_{phase}.json").write_text(json.dumps(info))
     return info
 
 
@@ -543,14 +551,19 @@ def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
 
 # ===================================================================================================== main
 
-STAGES = ("vae", "vae_b", "data", "dit", "decoder", "hr", "pack")
+STAGES = ("vae", "vae_b", "data", "dit", "dit_b", "decoder", "hr", "pack")
+# The shipped run: phase A's cosine schedule spans 4000 steps but was stopped at 2204 (time budget), then phase B
+# continues with the text-only first chunk weighted 4x and a fresh cosine schedule from a lower LR.
+DIT_A_STOP = 2204
+DIT_B = DiTRecipe(steps=1500, lr=5e-4, first_chunk_weight=4.0)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="safetensors file to write")
     ap.add_argument("--work", type=Path, default=None, help="working folder for stage outputs (default: next to --out)")
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of stages to run, from {STAGES}")
+    ap.add_argument("--stages", default="vae,data,dit,decoder,pack",
+                    help=f"comma list of stages to run, from {STAGES} (hr: optional, not in the shipped weights)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1: on a shared 2-core CPU one thread per process is far faster), or $TOYWORLD_THREADS")
     ap.add_argument("--vae-steps", type=int, default=VAERecipe.steps)
@@ -591,15 +604,19 @@ def main(argv=None):
             target=_decoder_process, args=(preset.name, str(work), args.seed, args.decoder_steps))
         dec_proc.start()
     if "dit" in stages:
-        info = train_dit(preset, work, args.seed, DiTRecipe(steps=args.dit_steps))
-        logger.info("dit done in %.0fs: loss %.4f", info["wall_s"], info["final_loss"])
-        summary["dit"] = {k: v for k, v in info.items() if k != "history"}
+        info = train_dit(preset, work, args.seed, DiTRecipe(steps=args.dit_steps, stop_at=DIT_A_STOP), phase="A")
+        logger.info("dit phase A done in %.0fs: loss %.4f", info["wall_s"], info["final_loss"])
+        summary["dit_A"] = {k: v for k, v in info.items() if k != "history"}
+    if "dit" in stages or "dit_b" in stages:
+        info = train_dit(preset, work, args.seed, DIT_B, phase="B")
+        logger.info("dit phase B done in %.0fs: loss %.4f", info["wall_s"], info["final_loss"])
+        summary["dit_B"] = {k: v for k, v in info.items() if k != "history"}
     if dec_proc is not None:
         dec_proc.join()
         if dec_proc.exitcode != 0:
             raise SystemExit("the VAE decoder fine-tune failed")
         summary["vae_decoder"] = json.loads((work / "vae_decoder.json").read_text())
-    if "hr" in stages and preset.compressor.mode.startswith("hr"):
+    if "hr" in stages:   # shipped in the bundle either way; the preset's compressor mode decides whether it is used
         from .train_hr import train_hr
         info = train_hr(preset, work, args.seed, steps=args.hr_steps)
         summary["hr"] = {k: v for k, v in info.items() if k != "history"}

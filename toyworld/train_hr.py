@@ -149,7 +149,7 @@ def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, cl
     model = build_model(preset, seed)
     model.load_state_dict(torch.load(work / "dit_ema.pt"))
     model.eval().requires_grad_(False)
-    vae = VideoVAE(load_vae(preset, work), preset.vae)
+    vae = VideoVAE(load_vae(preset, work, "vae_ft.pt" if (work / "vae_ft.pt").exists() else "vae.pt"), preset.vae)
     comp = MidCompressor(replace(preset.compressor, mode="hr+lr"), model.dim, model.patch_embedding, vae)
     chunk_grid = model.token_grid(preset.cache.chunk_frames, preset.latent_height, preset.latent_width)
     bgrid = block_grid(*chunk_grid)
