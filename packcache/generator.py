@@ -276,6 +276,9 @@ class GenerationSession:
             if pending is not None:
                 self._apply_prompt(pending)
             latents, pixels = self._generate(decode)
+            with self._lock:   # one step, so set_prompt never sees the new index while still "in progress"
+                self.chunk_index += 1
+                self._in_progress = False
         finally:
             with self._lock:
                 self._in_progress = False
@@ -350,7 +353,6 @@ class GenerationSession:
         if cache.compresses and slot is not None:
             tokens = gen.compressor(x0, gen.block_grid, pixels)
             self._encode_compressed(slot, tokens, prompt)
-        self.chunk_index += 1
         return x0, pixels
 
     def _encode_compressed(self, slot: int, tokens: torch.Tensor, prompt: PromptContext | None = None) -> None:
