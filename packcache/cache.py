@@ -65,13 +65,6 @@ class CacheStats:
     anchor: float = 0.0
     position_range: tuple[float, float] = (0.0, 0.0)
 
-    def as_dict(self) -> dict:
-        return {
-            "kind": self.kind, "chunks_seen": self.chunks_seen, "partitions": self.partitions,
-            "context_tokens": self.context_tokens, "attended_tokens": self.attended_tokens,
-            "kv_bytes": self.kv_bytes, "anchor": self.anchor, "position_range": list(self.position_range),
-        }
-
 
 def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -85,7 +85,7 @@ def default_preset() -> str:
 
 
 def run(args) -> Path:
-    import av  # noqa: F401  (fail early if missing)
+    import av  # before building the model: fail early if missing
     from tqdm import tqdm
 
     out = Path(args.out)
@@ -100,7 +100,6 @@ def run(args) -> Path:
     switches = sorted(args.switch or [], key=lambda s: s.at_seconds)
     session = gen.open(args.prompt, seed=args.seed, cache=args.cache)
     container, stream = write_mp4(out, p.fps, p.width, p.height)
-    import av
 
     written = 0
     start = time.perf_counter()

@@ -106,8 +106,6 @@ class CacheConfig:
     mid_topk: int = 16
     mid_capacity: int = 32          # compressed blocks kept; full bank evicts the least important (never FIFO)
     window_chunks: int = 4          # only for kind="window": full-res chunks kept after the sink
-    score_query_fraction: float = 0.125   # share of current-chunk queries used to score mid blocks
-    score_min_queries: int = 32
     score_head_fraction: float = 0.5      # "half-head evaluation"
     importance_decay: float = 0.5         # EMA factor of block importance: smooths selection (less flicker)
 
@@ -170,8 +168,7 @@ _TINY = Preset(
     ),
     vae=VAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
     text=TextConfig(kind="tiny", max_tokens=16, dim=32),
-    cache=CacheConfig(chunk_frames=3, sink_chunks=1, recent_chunks=1, mid_topk=2, mid_capacity=4, window_chunks=2,
-                      score_min_queries=8),
+    cache=CacheConfig(chunk_frames=3, sink_chunks=1, recent_chunks=1, mid_topk=2, mid_capacity=4, window_chunks=2),
     compressor=CompressorConfig(mode="lr", hr_channels=(8, 16, 32, 32)),
     height=64,
     width=64,
@@ -223,8 +220,7 @@ _TOY = Preset(
     vae=VAEConfig(base_dim=8, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
                   latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
     text=TextConfig(kind="minilm", max_tokens=32, dim=384),
-    cache=CacheConfig(chunk_frames=3, sink_chunks=2, recent_chunks=1, mid_topk=2, mid_capacity=16, window_chunks=3,
-                      score_min_queries=8),
+    cache=CacheConfig(chunk_frames=3, sink_chunks=2, recent_chunks=1, mid_topk=2, mid_capacity=16, window_chunks=3),
     compressor=CompressorConfig(mode="lr", hr_channels=(16, 32, 64, 128)),
     sampler=SamplerConfig(shift=1.0),   # sigma 1, .75, .5, .25: a from-scratch flow model, not a distilled one
     height=64,
