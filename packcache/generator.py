@@ -76,6 +76,7 @@ class Generator:
         self.sampler = FlowSampler(preset.sampler)
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._prompt_lock = threading.Lock()
+        self._null_prompt: PromptContext | None = None
         lt, lh, lw = preset.cache.chunk_frames, preset.latent_height, preset.latent_width
         self.chunk_grid = model.token_grid(lt, lh, lw)
         self.block_grid = block_grid(*self.chunk_grid)
@@ -171,6 +172,12 @@ class Generator:
             while len(self._prompt_cache) > 64:
                 self._prompt_cache.popitem(last=False)
         return emb
+
+    def null_prompt(self) -> PromptContext:
+        """The empty prompt's cross-attention context (classifier-free guidance), built once."""
+        if self._null_prompt is None:
+            self._null_prompt = self.model.embed_text(self.encode_prompt(""))
+        return self._null_prompt
 
     # ---- sessions -------------------------------------------------------------------------------------------
     def cache_geometry(self, batch: int = 1) -> CacheGeometry:
@@ -341,11 +348,15 @@ class GenerationSession:
         reader = cache.reader()
         x = self._noise(shape)
         x0 = x
+        unconditional = gen.null_prompt() if sampler.guided else None
         for k, sigma in enumerate(sampler.sigmas):
-            v = model.forward_chunk(x, sampler.timestep(sigma, 1, gen.device), prompt, reader, anchor)
+            t = sampler.timestep(sigma, 1, gen.device)
+            v = model.forward_chunk(x, t, prompt, reader, anchor)
+            if unconditional is not None:   # the reader's mid-block selection was fixed by the conditional pass
+                v = sampler.guide(v, model.forward_chunk(x, t, unconditional, reader, anchor))
             x0 = sampler.x0_from_velocity(x, v, sigma)
             if k + 1 < sampler.steps:
-                x = sampler.renoise(x0, self._noise(shape), sampler.sigmas[k + 1])
+                x = sampler.next_x(x, v, x0, k, lambda: self._noise(shape))
         model.forward_chunk(x0, sampler.timestep(0.0, 1, gen.device), prompt, cache.committer(), anchor, head=False)
         slot = cache.end_chunk(x0)
         needs_pixels = cache.compresses and slot is not None and gen.compressor.needs_pixels

@@ -120,11 +120,20 @@ class CompressorConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Few-step flow-matching schedule (Self-Forcing): listed timesteps are warped by `shift`."""
+    """Few-step flow-matching schedule (Self-Forcing): listed timesteps are warped by `shift`.
+
+    between_steps: `fresh` re-noises the x0 estimate with new noise (what Self-Forcing's distilled few-step models
+    expect); `ode` takes a deterministic Euler step along the predicted velocity (what a model trained by plain
+    flow matching expects: fresh noise would throw away the structure the previous step committed to).
+    guidance_scale: classifier-free guidance against the empty prompt; 1 turns it off (distilled models bake it
+    in). Above 1 every denoising step runs the DiT twice.
+    """
 
     timesteps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
     shift: float = 5.0
     num_train_timesteps: int = 1000
+    between_steps: Literal["fresh", "ode"] = "fresh"
+    guidance_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 x_sigma = (1 - sigma) x0 + sigma noise; the network predicts the velocity v = noise - x0, so x0 = x - sigma v.
 The listed timesteps (1000, 750, 500, 250) are warped by the shift: sigma = shift s / (1 + (shift - 1) s), s = t/1000,
-giving sigma = 1, 0.9375, 0.8333, 0.625 for shift 5. Between steps the x0 estimate is re-noised with fresh noise.
+giving sigma = 1, 0.9375, 0.8333, 0.625 for shift 5. Between steps the x0 estimate is re-noised with fresh noise
+(Self-Forcing), or, for models trained by plain flow matching, x follows the predicted velocity (Euler).
 """
 
 from __future__ import annotations
@@ -33,6 +34,25 @@ class FlowSampler:
     @staticmethod
     def x0_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma: float) -> torch.Tensor:
         return (x.float() - sigma * v.float()).to(x.dtype)
+
+    def next_x(self, x: torch.Tensor, v: torch.Tensor, x0: torch.Tensor, k: int, noise) -> torch.Tensor:
+        """The input of denoising step k+1 from step k's prediction; `noise` is called only when fresh noise is
+        drawn, so the ODE path leaves the session's noise stream untouched."""
+        nxt = self.sigmas[k + 1]
+        if self.config.between_steps == "ode":
+            return (x.float() + (nxt - self.sigmas[k]) * v.float()).to(x.dtype)
+        return self.renoise(x0, noise(), nxt)
+
+    def guide(self, v_cond: torch.Tensor, v_uncond: torch.Tensor | None) -> torch.Tensor:
+        """Classifier-free guidance: v_u + g (v_c - v_u)."""
+        if v_uncond is None:
+            return v_cond
+        g = self.config.guidance_scale
+        return (v_uncond.float() + g * (v_cond.float() - v_uncond.float())).to(v_cond.dtype)
+
+    @property
+    def guided(self) -> bool:
+        return self.config.guidance_scale != 1.0
 
     @staticmethod
     def renoise(x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:

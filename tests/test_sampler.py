@@ -20,3 +20,36 @@ def test_flow_identities_recover_x0():
     x = FlowSampler.renoise(x0, noise, sigma)
     v = noise - x0                                   # the velocity a perfect model predicts
     torch.testing.assert_close(FlowSampler.x0_from_velocity(x, v, sigma), x0, rtol=1e-5, atol=1e-5)
+
+
+def test_ode_steps_follow_the_straight_path_of_a_perfect_model():
+    """With the exact velocity, Euler steps land on (1 - s') x0 + s' noise at every level: no noise is drawn."""
+    from dataclasses import replace
+    torch.manual_seed(0)
+    x0, noise = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 16, 3, 4, 4)
+    s = FlowSampler(replace(SamplerConfig(), shift=1.0, between_steps="ode"))
+    x = FlowSampler.renoise(x0, noise, s.sigmas[0])
+
+    def no_noise():
+        raise AssertionError("the ODE path must not draw noise")
+
+    for k in range(s.steps - 1):
+        v = noise - x0
+        x = s.next_x(x, v, FlowSampler.x0_from_velocity(x, v, s.sigmas[k]), k, no_noise)
+        torch.testing.assert_close(x, FlowSampler.renoise(x0, noise, s.sigmas[k + 1]), rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_steps_renoise_the_estimate_with_new_noise():
+    x0, fresh = torch.zeros(1, 2), torch.ones(1, 2)
+    s = FlowSampler(SamplerConfig(shift=1.0))
+    x = s.next_x(torch.full((1, 2), 5.0), torch.zeros(1, 2), x0, 0, lambda: fresh)
+    torch.testing.assert_close(x, torch.full((1, 2), s.sigmas[1]))
+
+
+def test_guidance_extrapolates_from_unconditional_to_conditional():
+    from dataclasses import replace
+    s = FlowSampler(replace(SamplerConfig(), guidance_scale=3.0))
+    vc, vu = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.0])
+    assert s.guided and not FlowSampler(SamplerConfig()).guided
+    torch.testing.assert_close(s.guide(vc, vu), torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(s.guide(vc, None), vc)
