@@ -60,8 +60,13 @@ class VAEConfig:
     temperal_downsample: tuple[bool, ...] = (False, True, True)
     latents_mean: tuple[float, ...] = WAN_LATENTS_MEAN
     latents_std: tuple[float, ...] = WAN_LATENTS_STD
+    # Wan2.2's layout: pixels enter as 2x2 patches (12 channels) and the blocks have parameter-free shortcuts
+    # across every resolution change (AvgDown3D / DupUp3D). A quarter of the pixels per conv, and a small VAE of
+    # this kind trains in minutes where the Wan2.1 layout stalls.
+    is_residual: bool = False
+    patch_size: int | None = None
 
-    # Wan's VAE compresses time 4x (first frame alone, then groups of 4) and space 8x.
+    # Wan's VAE compresses time 4x (first frame alone, then groups of 4) and space 8x (patch x 2 per down stage).
     temporal_stride: int = 4
     spatial_stride: int = 8
 
@@ -71,6 +76,8 @@ class VAEConfig:
         kw.pop("spatial_stride")
         for k in ("dim_mult", "temperal_downsample", "latents_mean", "latents_std"):
             kw[k] = list(kw[k])
+        if self.patch_size:
+            kw["in_channels"] = kw["out_channels"] = 3 * self.patch_size ** 2
         return kw
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, patchify, unpatchify
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .errors import PresetError
@@ -39,13 +39,12 @@ class VideoVAE:
     """
 
     def __init__(self, vae: AutoencoderKLWan, config: VAEConfig) -> None:
-        if getattr(vae.config, "patch_size", None) is not None:
-            raise PresetError("patchified Wan VAEs (Wan2.2, patch_size set) are not supported; use a Wan2.1 VAE")
         if vae.config.z_dim != config.z_dim:
             raise PresetError(f"VAE has z_dim={vae.config.z_dim} but the preset says z_dim={config.z_dim}")
         self.vae = vae.eval().requires_grad_(False)
         self.config = config
-        self._spatial = 2 ** (len(vae.config.dim_mult) - 1)
+        self._patch = vae.config.patch_size or 1   # Wan2.2 layout: 2x2 pixel patches in, patches out
+        self._spatial = self._patch * 2 ** (len(vae.config.dim_mult) - 1)
         self._temporal = 2 ** sum(bool(t) for t in vae.config.temperal_downsample)
         if (self._spatial, self._temporal) != (config.spatial_stride, config.temporal_stride):
             raise PresetError(
@@ -123,6 +122,8 @@ class VideoVAE:
         if (f - 1) % t or h % s or w % s:
             raise ValueError(f"frames must have F = 1 + {t}k and H, W divisible by {s}; got F={f}, H={h}, W={w}")
         x = frames.to(device=self.device, dtype=self.dtype)
+        if self._patch > 1:
+            x = patchify(x, patch_size=self._patch)
         cache: list[Any] = [None] * self._enc_convs
         outs = []
         for i in range(1 + (f - 1) // t):
@@ -183,7 +184,7 @@ class StreamingDecoder:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalized latents (B,16,T,h,w) -> pixels (B,3,F,8h,8w) in [-1,1], float32.
+        """Normalized latents (B,16,T,h,w) -> pixels (B,3,F,8h,8w) in [-1,1], float32 (patches reassembled).
 
         F = 1 + 4(T-1) for the first chunk of a video, F = 4T for every later chunk.
         """
@@ -203,7 +204,10 @@ class StreamingDecoder:
         if not outs:
             b, _, _, h, w = latents.shape
             return torch.zeros(b, 3, 0, h * v.spatial_stride, w * v.spatial_stride, device=v.device)
-        return torch.clamp(torch.cat(outs, dim=2), -1.0, 1.0).float()
+        out = torch.cat(outs, dim=2)
+        if v._patch > 1:
+            out = unpatchify(out, patch_size=v._patch)
+        return torch.clamp(out, -1.0, 1.0).float()
 
 
 def frames_to_uint8(pixels: torch.Tensor) -> np.ndarray:

@@ -160,3 +160,24 @@ def test_frames_to_uint8() -> None:
     out = frames_to_uint8(px)
     assert out.shape == (1, 6, 1, 2, 3) and out.dtype == np.uint8
     assert out[0, :, 0, 0, 0].tolist() == [0, 0, 128, 191, 255, 255]
+
+
+# Wan2.2's layout (2x2 pixel patches, residual shortcut blocks), as the toy preset uses it, at a tiny width.
+PATCHED = VAEConfig(base_dim=8, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(True, True),
+                    is_residual=True, patch_size=2)
+
+
+def test_patchified_residual_vae_streams_and_encodes_like_diffusers() -> None:
+    v = VideoVAE.build(PATCHED, seed=0)
+    assert (v.spatial_stride, v.temporal_stride) == (8, 4) and v.vae.config.in_channels == 12
+    z = _latents(3 * CHUNK, seed=11)
+    ref = _reference(v, z)
+    assert ref.shape == (1, 3, 33, 32, 32) and (ref[:, :, -1] - ref[:, :, 1]).abs().max() > 1e-2
+    streamed = _stream(v, z)
+    torch.testing.assert_close(streamed, ref, atol=1e-5, rtol=0)
+    frames = ref[:, :, :9]
+    with torch.no_grad():
+        raw = v.vae.encode(frames).latent_dist.mode()
+    lat = v.encode(frames)
+    assert lat.shape == (1, 16, 3, 4, 4)
+    torch.testing.assert_close(lat, v.normalize(raw), atol=1e-5, rtol=0)
