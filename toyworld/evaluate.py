@@ -5,11 +5,13 @@
 
 Tables (markdown) are printed and written to toyworld/eval/RESULTS.md:
 
-1. Real-time factor per cache kind: seconds of video per second of wall time on this CPU (threads as given).
-2. Prompt following: 20 prompts (some with words the training captions never use, e.g. "crimson"); the share of
-   chunks whose dominant foreground colour is the prompt's colour.
-3. Prompt switch ("cut"): chunks until the new colour dominates, over 10 switches.
-4. Extrapolation: 120 s (24x the 5 s training clips) with packed, window and full caches: subject (colour and
+1. VAE alone: does encode + decode keep each shape colour?
+2. Sampler variants side by side on the same weights (fresh re-noising vs Euler steps; guidance scales).
+3. Real-time factor per cache kind: seconds of video per second of wall time on this CPU (threads as given).
+4. Prompt following: 20 prompts in the captions' vocabulary, the share of chunks whose dominant foreground colour
+   is the prompt's colour; then 8 prompts with words training never saw (e.g. "crimson"), reported apart.
+5. Prompt switch ("cut"): chunks until the new colour dominates, over 10 switches.
+6. Extrapolation: 120 s (24x the 5 s training clips) with packed, window and full caches: subject (colour and
    shape) consistency, background stability and motion per 10 s window, K/V bytes at chunk 10 vs the last chunk,
    and a PNG strip of one frame every 10 s per cache.
 """
@@ -28,6 +30,7 @@ from . import metrics as M
 
 HERE = Path(__file__).resolve().parent
 
+# 20 prompts in the captions' vocabulary (canonical grammar, and the paraphrases and templates training draws)
 PROMPTS = [
     "a red circle bouncing on a striped blue background",
     "a green square orbiting on a plain gray background",
@@ -41,13 +44,24 @@ PROMPTS = [
     "a blue circle zigzagging on a striped black background",
     "a green triangle drifting on a checkered brown background",
     "a yellow square bouncing on a gradient blue background",
-    # wordings and colour names the training captions never contain
+    "a bright orange ball floating over a shaded teal backdrop",
+    "a violet box ricocheting, solid black background",
+    "banded gray background with a magenta disk circling",
+    "an aqua wedge gliding on a flat dark green background",
+    "a lime block weaving over a chequered plum backdrop",
+    "a golden yellow dot revolving on a fading navy background",
+    "a bright red tile jumping around on a stripy grey background",
+    "a bright blue pyramid meandering on a uniform brown background",
+]
+
+# Wordings and colour names the training captions never contain: how far the text encoder carries the model.
+UNSEEN_PROMPTS = [
     "a crimson ball bouncing around on a dark striped background",
     "scarlet disc moving fast over a plain grey background",
     "an emerald cube floating on a navy backdrop",
     "a lemon yellow pyramid spinning around the middle, checkered gray background",
-    "a violet box bouncing on a black background",
-    "a magenta ball circling over white stripes",
+    "a lavender box bouncing on a black background",
+    "a fuchsia ball circling over white stripes",
     "an azure triangle gliding on a brown gradient",
     "a tangerine dot zigzagging on a teal background",
 ]
@@ -115,6 +129,33 @@ def vae_roundtrip(gen) -> list[dict]:
     return rows
 
 
+def sampler_variants(gen, prompts: list[str], chunks: int = 3) -> list[dict]:
+    """Colour following and speed of the same weights under other sampler settings, side by side: Self-Forcing's
+    fresh re-noising vs Euler (ODE) steps, and classifier-free guidance scales."""
+    from dataclasses import replace
+
+    from packcache.sampler import FlowSampler
+    shipped = gen.sampler
+    cfg = shipped.config
+    variants = [("fresh", 1.0), ("ode", 1.0), ("ode", 2.0), ("ode", 3.0), ("ode", 4.0)]
+    if (cfg.between_steps, cfg.guidance_scale) not in variants:
+        variants.append((cfg.between_steps, cfg.guidance_scale))
+    rows = []
+    try:
+        for between, g in variants:
+            gen.sampler = FlowSampler(replace(cfg, between_steps=between, guidance_scale=g))
+            t = time.perf_counter()
+            got, _ = prompt_following(gen, prompts, chunks=chunks)
+            wall = time.perf_counter() - t
+            hits = sum(int(r["match"].split("/")[0]) for r in got)
+            rows.append({"between_steps": between, "guidance": g, "shipped": "yes" if (between, g) == (
+                cfg.between_steps, cfg.guidance_scale) else "", "accuracy": hits / (len(prompts) * chunks),
+                "s_per_chunk": wall / (len(prompts) * chunks)})
+    finally:
+        gen.sampler = shipped
+    return rows
+
+
 def realtime(gen, chunks: int = 12) -> list[dict]:
     rows = []
     for kind in ("packed", "window", "full"):
@@ -131,12 +172,12 @@ def realtime(gen, chunks: int = 12) -> list[dict]:
     return rows
 
 
-def prompt_following(gen, prompts: list[str], chunks: int = 4) -> tuple[list[dict], float]:
+def prompt_following(gen, prompts: list[str], chunks: int = 4, seed: int = 100) -> tuple[list[dict], float]:
     rows = []
     hits = total = 0
     for i, prompt in enumerate(prompts):
         want = M.prompt_color(prompt)
-        s = gen.open(prompt, seed=100 + i, cache="packed")
+        s = gen.open(prompt, seed=seed + i, cache="packed")
         got = [M.dominant_color(s.next_chunk()) for _ in range(chunks)]
         s.close()
         ok = sum(g == want for g in got)
@@ -205,7 +246,7 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=120.0, help="length of the extrapolation runs")
     ap.add_argument("--full-seconds", type=float, default=None, help="length for the full cache (default: --seconds)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="vae,rt,prompts,switch,long")
+    ap.add_argument("--only", default="vae,sampler,rt,prompts,switch,long")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -213,13 +254,16 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(","))
     gen = load_generator(args.weights)
-    prompts, pairs = PROMPTS, SWITCHES
+    prompts, unseen, pairs = PROMPTS, UNSEEN_PROMPTS, SWITCHES
     seconds = args.seconds
     if args.quick:
-        prompts, pairs, seconds = PROMPTS[::4], SWITCHES[:3], min(seconds, 30.0)
+        prompts, unseen, pairs, seconds = PROMPTS[::4], UNSEEN_PROMPTS[::4], SWITCHES[:3], min(seconds, 30.0)
     results: dict = {"threads": args.threads, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    sc = gen.preset.sampler
     md = [f"# Toy world evaluation\n\n`python -m toyworld.evaluate {' '.join(argv or [])}` on {os.cpu_count()} CPU "
-          f"cores, torch threads {args.threads}.\n"]
+          f"cores, torch threads {args.threads}. Sampler: {len(sc.timesteps)} steps, shift {sc.shift:g}, "
+          f"{sc.between_steps} steps between levels, guidance {sc.guidance_scale:g}; compressor "
+          f"{gen.preset.compressor.mode}.\n"]
 
     if "vae" in only:
         rows = vae_roundtrip(gen)
@@ -228,6 +272,15 @@ def main(argv=None):
         md += [f"## VAE alone: encode + decode keeps the colour for {ok}/{len(rows)} colours\n",
                md_table(rows, [("color", "colour", ""), ("decoded", "decoded as", ""), ("l1", "mean |error|", ".3f")]),
                ""]
+        print(md[-2], flush=True)
+
+    if "sampler" in only:
+        rows = sampler_variants(gen, prompts[:8])
+        results["sampler_variants"] = rows
+        md += ["## Sampler variants, same weights (8 prompts x 3 chunks, packed cache)\n",
+               md_table(rows, [("between_steps", "between steps", ""), ("guidance", "guidance scale", ".1f"),
+                               ("accuracy", "prompt colour", ".0%"), ("s_per_chunk", "s/chunk", ".3f"),
+                               ("shipped", "shipped", "")]), ""]
         print(md[-2], flush=True)
 
     if "rt" in only:
@@ -239,12 +292,16 @@ def main(argv=None):
         print(md[-2], flush=True)
 
     if "prompts" in only:
+        cols = [("prompt", "prompt", ""), ("want", "colour", ""), ("got", "per-chunk dominant", ""), ("match", "match", "")]
         rows, acc = prompt_following(gen, prompts)
         results["prompt_following"] = {"rows": rows, "accuracy": acc}
         md += [f"## Prompt following: dominant colour = prompt colour in **{acc:.0%}** of chunks "
-               f"({len(prompts)} prompts x 4 chunks, packed cache)\n",
-               md_table(rows, [("prompt", "prompt", ""), ("want", "colour", ""), ("got", "per-chunk dominant", ""),
-                               ("match", "match", "")]), ""]
+               f"({len(prompts)} prompts x 4 chunks, packed cache)\n", md_table(rows, cols), ""]
+        print(md[-3], flush=True)
+        rows, acc = prompt_following(gen, unseen, seed=300)
+        results["unseen_words"] = {"rows": rows, "accuracy": acc}
+        md += [f"### Words training never saw: prompt colour in **{acc:.0%}** of chunks ({len(unseen)} prompts)\n",
+               md_table(rows, cols), ""]
         print(md[-3], flush=True)
 
     if "switch" in only:

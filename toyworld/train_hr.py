@@ -74,9 +74,7 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
     n_c, n_b = chunk_grid[0] * chunk_grid[1] * chunk_grid[2], bgrid[0] * bgrid[1] * bgrid[2]
     sl = lambda j: x0[:, :, j * T:(j + 1) * T]   # noqa: E731
 
-    levels = torch.tensor([s for s in __import__("toyworld.train", fromlist=["x"]).sampler_sigmas(preset)])
-    sigma = torch.where(torch.rand(b, generator=gen) < 0.5, levels[torch.randint(len(levels), (b,), generator=gen)],
-                        torch.rand(b, generator=gen))
+    sigma = torch.rand(b, generator=gen)   # uniform, as the DiT stage trains
     eps = torch.randn(sl(current).shape, generator=gen)
     xn = (1 - sigma)[:, None, None, None, None] * sl(current) + sigma[:, None, None, None, None] * eps
 
@@ -142,14 +140,16 @@ def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, cl
     from packcache.compress import MidCompressor, block_grid
     from packcache.vae import VideoVAE
 
-    from .train import CaptionSampler, build_model, cosine_lr, load_vae, progress, save_curve
+    from .common import cosine_lr, progress, save_curve
+    from .train import CaptionSampler, build_model
+    from .train_vae import load_vae
     torch.manual_seed(seed + 10)
     data = torch.load(work / "data.pt")
     latents = data["latents"][:clips].float()
     model = build_model(preset, seed)
     model.load_state_dict(torch.load(work / "dit_ema.pt"))
     model.eval().requires_grad_(False)
-    vae = VideoVAE(load_vae(preset, work, "vae_ft.pt" if (work / "vae_ft.pt").exists() else "vae.pt"), preset.vae)
+    vae = VideoVAE(load_vae(preset, work), preset.vae)
     comp = MidCompressor(replace(preset.compressor, mode="hr+lr"), model.dim, model.patch_embedding, vae)
     chunk_grid = model.token_grid(preset.cache.chunk_frames, preset.latent_height, preset.latent_width)
     bgrid = block_grid(*chunk_grid)
