@@ -330,8 +330,9 @@ def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata={"preset": "toy", "format": "packcache-bundle-1"})
     out.with_suffix(".json").write_text(json.dumps(extra_info, indent=2))
-    for png in work.glob("loss_*.png"):   # the curves travel with the weights' sidecar
-        shutil.copy(png, ROOT / "toyworld" / "curves" / png.name)
+    if out.resolve() == DEFAULT_OUT.resolve():   # the shipped weights' curves are kept in the repository
+        for png in work.glob("loss_*.png"):
+            shutil.copy(png, ROOT / "toyworld" / "curves" / png.name)
     logger.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
 
 
