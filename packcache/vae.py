@@ -22,7 +22,7 @@ from .presets import VAEConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StreamingDecoder", "VideoVAE", "frames_to_uint8"]
+__all__ = ["StreamingDecoder", "VideoVAE", "decode_unclamped", "frames_to_uint8"]
 
 
 def _count_causal_convs(module: torch.nn.Module) -> int:
@@ -193,21 +193,29 @@ class StreamingDecoder:
         v = self._vae
         if latents.ndim != 5 or latents.shape[1] != v.z_dim:
             raise ValueError(f"expected latents of shape (B,{v.z_dim},T,h,w), got {tuple(latents.shape)}")
-        z = v.denormalize(latents).to(device=v.device, dtype=v.dtype)
-        x = v.vae.post_quant_conv(z)  # 1x1x1 conv: needs no temporal cache
-        outs = []
-        for i in range(x.shape[2]):
-            outs.append(
-                v.vae.decoder(x[:, :, i : i + 1], feat_cache=self._cache, feat_idx=[0], first_chunk=self._first)
-            )
-            self._first = False
-        if not outs:
+        if latents.shape[2] == 0:
             b, _, _, h, w = latents.shape
             return torch.zeros(b, 3, 0, h * v.spatial_stride, w * v.spatial_stride, device=v.device)
-        out = torch.cat(outs, dim=2)
-        if v._patch > 1:
-            out = unpatchify(out, patch_size=v._patch)
+        z = v.denormalize(latents).to(device=v.device, dtype=v.dtype)
+        out = decode_unclamped(v.vae, z, self._cache, first=self._first)
+        self._first = False
         return torch.clamp(out, -1.0, 1.0).float()
+
+
+def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor, cache: list[Any] | None = None,
+                     first: bool = True) -> torch.Tensor:
+    """Raw latents (B,z,T,h,w) -> pixels (B,3,F,H,W), frame by frame through the causal decoder as
+    `AutoencoderKLWan._decode` does, carrying `cache` (a fresh one if None) and reassembling patches, but without
+    the final clamp. Gradients flow unless the caller turns them off: VAE training uses it (a clamped pixel has no
+    gradient), and so does `StreamingDecoder`, which clamps."""
+    if cache is None:
+        cache = [None] * _count_causal_convs(vae.decoder)
+    x = vae.post_quant_conv(z)  # 1x1x1 conv: needs no temporal cache
+    outs = [vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first and i == 0)
+            for i in range(x.shape[2])]
+    out = torch.cat(outs, dim=2)
+    patch = vae.config.patch_size
+    return unpatchify(out, patch_size=patch) if patch else out
 
 
 def frames_to_uint8(pixels: torch.Tensor) -> np.ndarray:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from packcache.vae import decode_unclamped
 
 from .common import cosine_lr, progress, save_curve, to_tensor
 from .metrics import foreground
@@ -55,21 +56,6 @@ def load_vae(preset, work: Path, name: str = "vae.pt"):
     return vae.eval().requires_grad_(False)
 
 
-def decode_for_training(vae, z: torch.Tensor) -> torch.Tensor:
-    """`AutoencoderKLWan._decode` without the final clamp (a clamped pixel has no gradient)."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-    vae.clear_cache()
-    x = vae.post_quant_conv(z)
-    outs = []
-    for i in range(z.shape[2]):
-        vae._conv_idx = [0]
-        outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                first_chunk=i == 0))
-    vae.clear_cache()
-    out = torch.cat(outs, 2)
-    return unpatchify(out, patch_size=vae.config.patch_size) if vae.config.patch_size else out
-
-
 def clip_batch(world: World, batch: int, frames: int, size: int) -> torch.Tensor:
     """Toy clips (B, 3, F, H, W) in [-1, 1]."""
     return torch.stack([to_tensor(world.sample(frames, size, augment_caption=False)[0]) for _ in range(batch)])
@@ -85,7 +71,7 @@ def pixel_weights(x: torch.Tensor, fg_weight: float) -> torch.Tensor:
 def vae_loss(vae, x: torch.Tensor, recipe: VAERecipe) -> tuple[torch.Tensor, dict]:
     mu = vae.encode(x).latent_dist.mean
     z = mu + recipe.latent_noise * mu.detach().std() * torch.randn_like(mu)
-    rec = decode_for_training(vae, z)
+    rec = decode_unclamped(vae, z)
     w = pixel_weights(x, recipe.fg_weight)
     mse = ((rec - x).pow(2) * w).sum() / (w.sum() * 3)
     loss = mse + recipe.latent_l2 * mu.pow(2).mean()
