@@ -101,12 +101,13 @@ def test_a_few_training_steps_reduce_the_loss():
 
 def test_a_few_vae_steps_reduce_the_reconstruction_loss():
     """The VAE stage's loss (foreground-weighted MSE through the Wan2.2-layout VAE) on a fixed batch of toy frames."""
+    from toyworld.train import toy_preset
     from toyworld.train_vae import VAERecipe, build_vae, clip_batch, vae_loss
     from toyworld.world import World
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    p = toy_preset_for_test()
+    p = toy_preset()
     vae = build_vae(p).train()
     x = clip_batch(World(3), 4, 5, 64)                                             # 2 latent frames
     recipe = VAERecipe(latent_noise=0.0)
@@ -122,8 +123,3 @@ def test_a_few_vae_steps_reduce_the_reconstruction_loss():
         after = vae_loss(vae, x, recipe)[0].item()
     torch.set_num_threads(threads)
     assert after < 0.7 * before
-
-
-def toy_preset_for_test():
-    from toyworld.train import toy_preset
-    return toy_preset()

@@ -117,11 +117,12 @@ def vae_roundtrip(gen) -> list[dict]:
 
     from packcache.vae import frames_to_uint8
 
+    from .common import to_tensor
     from .world import SHAPE_COLORS, render, single_shape_scene
     rows = []
     for i, color in enumerate(SHAPE_COLORS):
         frames = render(single_shape_scene(color, shape="square", background="solid", bg_color="gray", seed=i), 0, 33, 64)
-        x = torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1.0
+        x = to_tensor(frames)[None]
         with torch.no_grad():
             out = frames_to_uint8(gen.vae.stream_decoder().decode(gen.vae.encode(x)))[0]
         rows.append({"color": color, "decoded": str(M.dominant_color(out)),
@@ -145,11 +146,10 @@ def sampler_variants(gen, prompts: list[str], chunks: int = 3) -> list[dict]:
         for between, g in variants:
             gen.sampler = FlowSampler(replace(cfg, between_steps=between, guidance_scale=g))
             t = time.perf_counter()
-            got, _ = prompt_following(gen, prompts, chunks=chunks)
+            _, accuracy = prompt_following(gen, prompts, chunks=chunks)
             wall = time.perf_counter() - t
-            hits = sum(int(r["match"].split("/")[0]) for r in got)
             rows.append({"between_steps": between, "guidance": g, "shipped": "yes" if (between, g) == (
-                cfg.between_steps, cfg.guidance_scale) else "", "accuracy": hits / (len(prompts) * chunks),
+                cfg.between_steps, cfg.guidance_scale) else "", "accuracy": accuracy,
                 "s_per_chunk": wall / (len(prompts) * chunks)})
     finally:
         gen.sampler = shipped

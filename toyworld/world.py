@@ -300,14 +300,12 @@ class World:
 
     def __init__(self, seed: int = 0, max_shapes: int = 3, single_shape_prob: float = 0.6):
         self.rng = np.random.default_rng(seed)
-        self.last_start = 0
         self.max_shapes = max_shapes
         self.single_shape_prob = single_shape_prob
 
     def sample(self, num_frames: int = 81, size: int = 64, augment_caption: bool = True):
         scene = sample_scene(self.rng, self.max_shapes, self.single_shape_prob)
         start = int(self.rng.integers(0, 100_000))   # any point of the unbounded timeline
-        self.last_start = start
         frames = render(scene, start=start, num_frames=num_frames, size=size)
         text = caption(scene, self.rng if augment_caption else None)
         return frames, text, scene
