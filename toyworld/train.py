@@ -130,7 +130,7 @@ def make_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8, work
 
 @dataclass
 class DiTRecipe:
-    steps: int = 3200
+    steps: int = 4000
     batch: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.01

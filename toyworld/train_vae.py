@@ -35,7 +35,7 @@ logger = logging.getLogger("toyworld.train")
 
 @dataclass
 class VAERecipe:
-    steps: int = 2500
+    steps: int = 4000
     clip_batch: int = 4
     clip_frames: int = 9
     image_batch: int = 12
