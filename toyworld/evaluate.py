@@ -305,13 +305,16 @@ def main(argv=None):
         print(md[-3], flush=True)
 
     if "switch" in only:
-        rows, rate = prompt_switches(gen, pairs)
-        results["prompt_switch"] = {"rows": rows, "within_2_chunks": rate}
-        md += [f"## Prompt switch (`cut`): new colour dominant within 2 chunks in **{rate:.0%}** of switches\n",
-               md_table(rows, [("from", "from", ""), ("to", "to", ""), ("before", "3 chunks before", ""),
-                               ("after", "4 chunks after", ""), ("chunks_to_switch", "chunks to switch", ""),
-                               ("holds", "holds", "")]), ""]
-        print(md[-3], flush=True)
+        results["prompt_switch"] = {}
+        for transition in ("cut", "recache"):   # the two a viewer's typed prompt can ask for without blending
+            rows, rate = prompt_switches(gen, pairs, transition=transition)
+            results["prompt_switch"][transition] = {"rows": rows, "within_2_chunks": rate}
+            md += [f"## Prompt switch (`{transition}`): new colour dominant within 2 chunks in **{rate:.0%}** of "
+                   f"switches\n",
+                   md_table(rows, [("from", "from", ""), ("to", "to", ""), ("before", "3 chunks before", ""),
+                                   ("after", "4 chunks after", ""), ("chunks_to_switch", "chunks to switch", ""),
+                                   ("holds", "holds", "")]), ""]
+            print(md[-3], flush=True)
 
     if "long" in only:
         runs, summary = [], []

@@ -143,6 +143,21 @@ class DiTRecipe:
     drop_prob: float = 0.5              # share of steps that drop a run of middle chunks (packed/window contexts)
     switch_prob: float = 0.2            # share of steps that cut to another scene mid-clip (prompt switches)
     ema: float = 0.995
+    sigma_levels: str = "sampler"        # "sampler": each chunk's noise level is one of the 4 the sampler visits
+    level_jitter: float = 0.05           #   (+- this); "uniform": any level in (0, 1)
+
+
+def draw_sigmas(shape: tuple[int, ...], preset, recipe: DiTRecipe, gen: torch.Generator) -> torch.Tensor:
+    """Noise levels for training. A 4-step sampler only ever asks the model at its 4 levels, so training there (as
+    few-step distillation does) spends the whole small model on the levels it is used at, the high ones included,
+    where the prompt decides the colour; uniform levels put three quarters of the samples below sigma 0.75."""
+    if recipe.sigma_levels == "uniform":
+        return torch.rand(shape, generator=gen)
+    from packcache.sampler import FlowSampler
+    levels = torch.tensor(FlowSampler(preset.sampler).sigmas, dtype=torch.float32)
+    pick = levels[torch.randint(len(levels), shape, generator=gen)]
+    jitter = (torch.rand(shape, generator=gen) * 2 - 1) * recipe.level_jitter
+    return (pick + jitter).clamp(0.02, 1.0)
 
 
 def teacher_forcing_mask(chunk_ids: list[int], tokens_per_frame: int, chunk_frames: int) -> torch.Tensor:
@@ -195,7 +210,7 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
              fg: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher-forcing flow-matching loss on a batch of clips (B, 16, F, h, w), chunks `keep_chunks` only.
 
-    One noise level per chunk (diffusion-forcing style), uniform in (0, 1), so any few-step schedule can sample it.
+    One noise level per chunk (diffusion-forcing style), from `draw_sigmas`.
     Chunks before `loss_from_chunk` are context only (a prompt switch: they come from another scene). `fg`
     (B, F, h, w): foreground share per latent position, weighing the shapes up."""
     T = preset.cache.chunk_frames
@@ -204,7 +219,7 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
     x0 = latents[:, :, frames].float()
     k = len(keep_chunks)
     f = x0.shape[2]
-    sigma = torch.rand(b, k, generator=gen)
+    sigma = draw_sigmas((b, k), preset, recipe, gen)
     sig_f = sigma.repeat_interleave(T, dim=1)                                   # (B, F)
     eps = torch.randn(x0.shape, generator=gen)
     xn = (1 - sig_f)[:, None, :, None, None] * x0 + sig_f[:, None, :, None, None] * eps

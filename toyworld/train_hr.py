@@ -74,7 +74,8 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
     n_c, n_b = chunk_grid[0] * chunk_grid[1] * chunk_grid[2], bgrid[0] * bgrid[1] * bgrid[2]
     sl = lambda j: x0[:, :, j * T:(j + 1) * T]   # noqa: E731
 
-    sigma = torch.rand(b, generator=gen)   # uniform, as the DiT stage trains
+    from .train import DiTRecipe, draw_sigmas
+    sigma = draw_sigmas((b,), preset, DiTRecipe(), gen)   # the levels the DiT stage trains at
     eps = torch.randn(sl(current).shape, generator=gen)
     xn = (1 - sigma)[:, None, None, None, None] * sl(current) + sigma[:, None, None, None, None] * eps
 
