@@ -123,3 +123,20 @@ def test_a_few_vae_steps_reduce_the_reconstruction_loss():
         after = vae_loss(vae, x, recipe)[0].item()
     torch.set_num_threads(threads)
     assert after < 0.7 * before
+
+
+def test_training_noise_levels_follow_the_recipe():
+    """`sampler` levels sit within the jitter of the 4 levels the sampler visits, each of them drawn; `uniform`
+    levels spread over (0, 1)."""
+    from packcache.sampler import FlowSampler
+    from toyworld.train import DiTRecipe, draw_sigmas, toy_preset
+    p = toy_preset()
+    levels = torch.tensor(FlowSampler(p.sampler).sigmas)
+    recipe = DiTRecipe(sigma_levels="sampler")
+    s = draw_sigmas((4000,), p, recipe, torch.Generator().manual_seed(0))
+    nearest = (s[:, None] - levels[None]).abs().min(dim=1)
+    assert nearest.values.max() <= recipe.level_jitter + 1e-6
+    assert set(nearest.indices.tolist()) == set(range(len(levels)))
+    u = draw_sigmas((4000,), p, DiTRecipe(sigma_levels="uniform"), torch.Generator().manual_seed(0))
+    assert (u[:, None] - levels[None]).abs().min(dim=1).values.max() > 0.1
+    assert 0.0 <= u.min() and u.max() <= 1.0

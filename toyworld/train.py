@@ -143,8 +143,8 @@ class DiTRecipe:
     drop_prob: float = 0.5              # share of steps that drop a run of middle chunks (packed/window contexts)
     switch_prob: float = 0.2            # share of steps that cut to another scene mid-clip (prompt switches)
     ema: float = 0.995
-    sigma_levels: str = "sampler"        # "sampler": each chunk's noise level is one of the 4 the sampler visits
-    level_jitter: float = 0.05           #   (+- this); "uniform": any level in (0, 1)
+    sigma_levels: str = "uniform"        # "uniform": any level in (0, 1); "sampler": one of the 4 levels the
+    level_jitter: float = 0.05           #   sampler visits (+- this)
 
 
 def draw_sigmas(shape: tuple[int, ...], preset, recipe: DiTRecipe, gen: torch.Generator) -> torch.Tensor:
@@ -367,6 +367,8 @@ def main(argv=None):
     ap.add_argument("--clips", type=int, default=1024, help="5-second clips encoded for DiT training")
     ap.add_argument("--dit-steps", type=int, default=DiTRecipe.steps)
     ap.add_argument("--hr-steps", type=int, default=500)
+    ap.add_argument("--sigma-levels", choices=("uniform", "sampler"), default=DiTRecipe.sigma_levels,
+                    help="noise levels the DiT and HR stages train at (see DiTRecipe)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -382,6 +384,7 @@ def main(argv=None):
     summary = {st: {k: v for k, v in json.loads((work / f"{st}.json").read_text()).items() if k != "history"}
                for st in STAGES if (work / f"{st}.json").exists()}
     summary_path = work / "summary.json"
+    recipe = DiTRecipe(steps=args.dit_steps, sigma_levels=args.sigma_levels)
     t_all = time.time()
     if "vae" in stages:
         summary["vae"] = train_vae(preset, work, args.seed, VAERecipe(steps=args.vae_steps))
@@ -390,11 +393,11 @@ def main(argv=None):
         summary["data"] = make_dataset(preset, work, args.seed, args.clips)
         logger.info("data done in %.0fs", summary["data"]["wall_s"])
     if "dit" in stages:
-        summary["dit"] = train_dit(preset, work, args.seed, DiTRecipe(steps=args.dit_steps))
+        summary["dit"] = train_dit(preset, work, args.seed, recipe)
         logger.info("dit done in %.0fs: loss %.4f", summary["dit"]["wall_s"], summary["dit"]["final_loss"])
     if "hr" in stages:
         from .train_hr import train_hr
-        info = train_hr(preset, work, args.seed, steps=args.hr_steps)
+        info = train_hr(preset, work, args.seed, steps=args.hr_steps, recipe=recipe)
         summary["hr"] = {k: v for k, v in info.items() if k != "history"}
     summary_path.write_text(json.dumps(summary, indent=2))
     if "pack" in stages:

@@ -59,7 +59,7 @@ def lr_tokens_for(preset, model, vae_wrapper, compressor, latents: torch.Tensor,
 
 
 def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.Tensor, text, gen: torch.Generator,
-                     current: int, mids: list[int]) -> torch.Tensor:
+                     current: int, mids: list[int], recipe=None) -> torch.Tensor:
     """Flow-matching loss of chunk `current` denoised against [sink ; compressed `mids` ; recent] (see module doc)."""
     from packcache.model import AttnPlan
     T = preset.cache.chunk_frames
@@ -75,7 +75,7 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
     sl = lambda j: x0[:, :, j * T:(j + 1) * T]   # noqa: E731
 
     from .train import DiTRecipe, draw_sigmas
-    sigma = draw_sigmas((b,), preset, DiTRecipe(), gen)   # the levels the DiT stage trains at
+    sigma = draw_sigmas((b,), preset, recipe or DiTRecipe(), gen)   # as the DiT stage trains
     eps = torch.randn(sl(current).shape, generator=gen)
     xn = (1 - sigma)[:, None, None, None, None] * sl(current) + sigma[:, None, None, None, None] * eps
 
@@ -137,7 +137,9 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
     return F.mse_loss(v.float(), eps - sl(current))
 
 
-def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, clips: int = 96, lr: float = 1e-3) -> dict:
+def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, clips: int = 96, lr: float = 1e-3,
+             recipe=None) -> dict:
+    """`recipe`: the DiT stage's `DiTRecipe`, for its noise levels."""
     from packcache.compress import MidCompressor, block_grid
     from packcache.vae import VideoVAE
 
@@ -171,7 +173,7 @@ def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, cl
         current = int(rng.integers(sink + 2, n_chunks))                       # has >= 1 mid chunk
         mids = list(range(sink, current - 1))[-preset.cache.mid_topk:]
         text, _ = captions(idx.numpy())
-        loss = packed_view_loss(preset, model, comp, latents[idx], lr_tok[idx], text, gen, current, mids)
+        loss = packed_view_loss(preset, model, comp, latents[idx], lr_tok[idx], text, gen, current, mids, recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
