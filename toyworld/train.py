@@ -86,11 +86,11 @@ def foreground_fraction(frames: np.ndarray, temporal: int = 4, spatial: int = 8)
 
 @torch.no_grad()
 def _encode_shard(args) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    preset_name, work, seed, clips, batch = args
+    preset_name, work, seed, clips, batch, device = args
     torch.set_num_threads(1)
     from packcache.presets import get_preset
     preset = get_preset(preset_name)
-    vae = load_vae(preset, Path(work))
+    vae = load_vae(preset, Path(work), device=device)
     world = World(seed)
     lat, fg, scenes = [], [], []
     for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, f"data[{seed}]"):
@@ -100,16 +100,17 @@ def _encode_shard(args) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
             xs.append(to_tensor(frames))
             fg.append(foreground_fraction(frames).half())
             scenes.append(scene_to_dict(scene))
-        lat.append(vae.encode(torch.stack(xs)).latent_dist.mean.half())
+        lat.append(vae.encode(torch.stack(xs).to(device)).latent_dist.mean.half().cpu())
     return torch.cat(lat)[:clips], torch.stack(fg)[:clips], scenes[:clips]
 
 
-def make_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8, workers: int = 2) -> dict:
+def make_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8, workers: int = 2,
+                 device: str = "cpu") -> dict:
     """Encode `clips` 5-second toy clips with the trained VAE -> latents (N, 16, 21, h, w), their foreground maps
     (N, 21, h, w) and scenes. Split over `workers` single-threaded processes (each shard has its own world seed)."""
     t0 = time.time()
     per = [clips // workers + (i < clips % workers) for i in range(workers)]
-    jobs = [(preset.name, str(work), seed + 2 + 1000 * i, per[i], batch) for i in range(workers)]
+    jobs = [(preset.name, str(work), seed + 2 + 1000 * i, per[i], batch, device) for i in range(workers)]
     if workers > 1:
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(workers) as pool:
@@ -215,31 +216,33 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
     (B, F, h, w): foreground share per latent position, weighing the shapes up."""
     T = preset.cache.chunk_frames
     b = latents.shape[0]
+    dev = latents.device                # random draws come from `gen` on the CPU, so every device draws the same
     frames = torch.cat([torch.arange(c * T, (c + 1) * T) for c in keep_chunks])
-    x0 = latents[:, :, frames].float()
+    x0 = latents[:, :, frames.to(dev)].float()
     k = len(keep_chunks)
     f = x0.shape[2]
-    sigma = draw_sigmas((b, k), preset, recipe, gen)
+    sigma = draw_sigmas((b, k), preset, recipe, gen).to(dev)
     sig_f = sigma.repeat_interleave(T, dim=1)                                   # (B, F)
-    eps = torch.randn(x0.shape, generator=gen)
+    eps = torch.randn(x0.shape, generator=gen).to(dev)
     xn = (1 - sig_f)[:, None, :, None, None] * x0 + sig_f[:, None, :, None, None] * eps
     pos = torch.arange(f, dtype=torch.float64)
-    mask = teacher_forcing_mask(list(range(k)), preset.tokens_per_frame, T)
+    mask = teacher_forcing_mask(list(range(k)), preset.tokens_per_frame, T).to(dev)
     context = x0
     own = torch.rand(b, generator=gen) < recipe.own_context_prob
     if own.any():
         context = own_predictions(model, x0, own, text, recipe, gen, pos, mask)
     ctx_s = torch.rand(b, generator=gen) * recipe.ctx_noise_max
-    ctx_s = torch.where(torch.rand(b, generator=gen) < recipe.ctx_noise_prob, ctx_s, torch.zeros(b))
-    eps2 = torch.randn(x0.shape, generator=gen)
+    ctx_s = torch.where(torch.rand(b, generator=gen) < recipe.ctx_noise_prob, ctx_s, torch.zeros(b)).to(dev)
+    eps2 = torch.randn(x0.shape, generator=gen).to(dev)
     xc = (1 - ctx_s)[:, None, None, None, None] * context + ctx_s[:, None, None, None, None] * eps2
     inp = torch.cat([xc, xn], dim=2)
     timestep = torch.cat([ctx_s[:, None].expand(b, f), sig_f], dim=1) * 1000.0
     v = model.forward_sequence(inp, timestep, text, torch.cat([pos, pos]), mask)[:, :, f:]
-    w = torch.ones(b, f, *x0.shape[3:])
+    w = torch.ones(b, f, *x0.shape[3:], device=dev)
     if fg is not None:
-        w = w + recipe.fg_weight * (4.0 * fg[:, frames].float()).clamp(max=1.0)
-    w = w * torch.tensor([float(c >= loss_from_chunk) for c in keep_chunks]).repeat_interleave(T)[None, :, None, None]
+        w = w + recipe.fg_weight * (4.0 * fg[:, frames.to(fg.device)].float().to(dev)).clamp(max=1.0)
+    in_loss = torch.tensor([float(c >= loss_from_chunk) for c in keep_chunks], device=dev).repeat_interleave(T)
+    w = w * in_loss[None, :, None, None]
     err = (v.float() - (eps - x0)).pow(2).mean(dim=1)                          # (B, F, h, w)
     return (err * w).sum() / w.sum().clamp_min(1.0)
 
@@ -252,13 +255,16 @@ def own_predictions(model, x0: torch.Tensor, rows: torch.Tensor, text: torch.Ten
     continue from its own imperfect chunks rather than only from ground truth (the drift of long rollouts).
     One extra forward pass, no backward; a cheap stand-in for Self-Forcing's full rollouts."""
     lo, hi = recipe.own_sigma
-    xs, eps = x0[rows], torch.randn(x0[rows].shape, generator=gen)
+    dev = x0.device
+    rows = rows.to(dev)
+    xs = x0[rows]
+    eps = torch.randn(xs.shape, generator=gen).to(dev)
     n = xs.shape[0]
-    sigma = lo + (hi - lo) * torch.rand(n, generator=gen)
+    sigma = (lo + (hi - lo) * torch.rand(n, generator=gen)).to(dev)
     s5 = sigma[:, None, None, None, None]
     noisy = (1 - s5) * xs + s5 * eps
     f = xs.shape[2]
-    timestep = torch.cat([torch.zeros(n, f), sigma[:, None].expand(n, f)], dim=1) * 1000.0
+    timestep = torch.cat([torch.zeros(n, f, device=dev), sigma[:, None].expand(n, f)], dim=1) * 1000.0
     v = model.forward_sequence(torch.cat([xs, noisy], dim=2), timestep, text[rows], torch.cat([pos, pos]), mask)
     out = x0.clone()
     out[rows] = (noisy - s5 * v[:, :, f:].float()).to(x0.dtype)
@@ -276,13 +282,14 @@ def choose_chunks(rng: np.random.Generator, n_chunks: int, sink: int, drop_prob:
     return list(range(sink)) + list(range(start, end))
 
 
-def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | None = None) -> dict:
+def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | None = None,
+              device: str = "cpu") -> dict:
     data = data or torch.load(work / "data.pt")
     latents, fg = data["latents"], data["foreground"]
     n = latents.shape[0]
     T = preset.cache.chunk_frames
     n_chunks = latents.shape[2] // T
-    model = build_model(preset, seed).train()
+    model = build_model(preset, seed).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -304,7 +311,8 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
             other = latents[rng.integers(0, n, size=recipe.batch)]
             batch = torch.cat([other[:, :, :j * T], batch[:, :, j * T:]], dim=2)
             loss_from = j
-        loss = dit_loss(model, batch, text, preset, recipe, gen, keep, loss_from, batch_fg)
+        loss = dit_loss(model, batch.to(device), text.to(device), preset, recipe, gen, keep, loss_from,
+                        batch_fg.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -319,9 +327,9 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
             logger.info("dit step %d loss %.4f (%.0fs)", step, float(np.mean(hist[-100:])), time.time() - t0)
             save_curve(work / "loss_dit.png", {"flow-matching loss (weighted)": hist}, "causal DiT")
         if step % 500 == 499:
-            torch.save(ema, work / "dit_ema.pt")
+            torch.save({k: v.cpu() for k, v in ema.items()}, work / "dit_ema.pt")
     wall = time.time() - t0
-    torch.save(ema, work / "dit_ema.pt")
+    torch.save({k: v.cpu() for k, v in ema.items()}, work / "dit_ema.pt")
     save_curve(work / "loss_dit.png", {"flow-matching loss (weighted)": hist}, "causal DiT")
     info = {"wall_s": wall, "steps": len(hist), "first_loss": float(np.mean(hist[:100])),
             "final_loss": float(np.mean(hist[-100:]))}
@@ -363,6 +371,7 @@ def main(argv=None):
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of stages to run, from {STAGES}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2, or $TOYWORLD_THREADS)")
+    ap.add_argument("--device", default=None, help="torch device to train on (default: cuda when there is one, else cpu)")
     ap.add_argument("--vae-steps", type=int, default=VAERecipe.steps)
     ap.add_argument("--clips", type=int, default=1024, help="5-second clips encoded for DiT training")
     ap.add_argument("--dit-steps", type=int, default=DiTRecipe.steps)
@@ -374,6 +383,8 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     set_threads(args.threads)
     preset = toy_preset()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    logger.info("training on %s", device)
     work = args.work or args.out.parent / "toy_train"
     work.mkdir(parents=True, exist_ok=True)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -387,21 +398,22 @@ def main(argv=None):
     recipe = DiTRecipe(steps=args.dit_steps, sigma_levels=args.sigma_levels)
     t_all = time.time()
     if "vae" in stages:
-        summary["vae"] = train_vae(preset, work, args.seed, VAERecipe(steps=args.vae_steps))
+        summary["vae"] = train_vae(preset, work, args.seed, VAERecipe(steps=args.vae_steps), device=device)
         logger.info("vae done in %.0fs: l1 %.4f", summary["vae"]["wall_s"], summary["vae"]["final_l1"])
     if "data" in stages:
-        summary["data"] = make_dataset(preset, work, args.seed, args.clips)
+        summary["data"] = make_dataset(preset, work, args.seed, args.clips, device=device)
         logger.info("data done in %.0fs", summary["data"]["wall_s"])
     if "dit" in stages:
-        summary["dit"] = train_dit(preset, work, args.seed, recipe)
+        summary["dit"] = train_dit(preset, work, args.seed, recipe, device=device)
         logger.info("dit done in %.0fs: loss %.4f", summary["dit"]["wall_s"], summary["dit"]["final_loss"])
     if "hr" in stages:
         from .train_hr import train_hr
-        info = train_hr(preset, work, args.seed, steps=args.hr_steps, recipe=recipe)
+        info = train_hr(preset, work, args.seed, steps=args.hr_steps, recipe=recipe, device=device)
         summary["hr"] = {k: v for k, v in info.items() if k != "history"}
     summary_path.write_text(json.dumps(summary, indent=2))
     if "pack" in stages:
         summary["command"] = "python -m toyworld.train " + " ".join(argv if argv is not None else sys.argv[1:])
+        summary["device"] = str(device)
         summary["this_run_wall_s"] = time.time() - t_all
         pack(preset, work, args.out, summary)
 

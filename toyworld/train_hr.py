@@ -75,8 +75,9 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
     sl = lambda j: x0[:, :, j * T:(j + 1) * T]   # noqa: E731
 
     from .train import DiTRecipe, draw_sigmas
-    sigma = draw_sigmas((b,), preset, recipe or DiTRecipe(), gen)   # as the DiT stage trains
-    eps = torch.randn(sl(current).shape, generator=gen)
+    dev = x0.device   # random draws come from `gen` on the CPU, so every device draws the same
+    sigma = draw_sigmas((b,), preset, recipe or DiTRecipe(), gen).to(dev)   # as the DiT stage trains
+    eps = torch.randn(sl(current).shape, generator=gen).to(dev)
     xn = (1 - sigma)[:, None, None, None, None] * sl(current) + sigma[:, None, None, None, None] * eps
 
     # packed starts, walking back from the anchor: recent, mids, sink
@@ -110,11 +111,11 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
         add(lr_tok[:, j] + h, _positions(model, bgrid, mid_starts[k], offsets, spatial_stride=4.0), ("mid", k), 0.0)
     add(model._patchify(sl(recent)), _positions(model, chunk_grid, recent_start), ("recent", 0), 0.0)
     add(model._patchify(xn), _positions(model, chunk_grid, A), ("noisy", 0), 0.0)
-    tsteps[-1] = (sigma * 1000.0)[:, None].expand(b, n_c)
+    tsteps[-1] = (sigma.cpu() * 1000.0)[:, None].expand(b, n_c)
 
     x = torch.cat(parts, dim=1)
     positions = torch.cat(pos)
-    ts = torch.cat(tsteps, dim=1)
+    ts = torch.cat(tsteps, dim=1).to(dev)
     n = x.shape[1]
     kinds = [g[0] for g in group]
     idx = [g[1] for g in group]
@@ -128,6 +129,7 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
     mask |= MC[:, None] & ((MF[None, :] | MC[None, :]) & same)
     mask |= R[:, None] & (S[None, :] | MC[None, :] | R[None, :])
     mask |= X[:, None] & (S[None, :] | MC[None, :] | R[None, :] | X[None, :])
+    mask = mask.to(dev)
 
     prompt = model.embed_text(text)
     temb, proj = model._time(ts, x)
@@ -138,7 +140,7 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
 
 
 def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, clips: int = 96, lr: float = 1e-3,
-             recipe=None) -> dict:
+             recipe=None, device: str = "cpu") -> dict:
     """`recipe`: the DiT stage's `DiTRecipe`, for its noise levels."""
     from packcache.compress import MidCompressor, block_grid
     from packcache.vae import VideoVAE
@@ -148,12 +150,13 @@ def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, cl
     from .train_vae import load_vae
     torch.manual_seed(seed + 10)
     data = torch.load(work / "data.pt")
-    latents = data["latents"][:clips].float()
+    clips = min(clips, data["latents"].shape[0])
+    latents = data["latents"][:clips].float().to(device)
     model = build_model(preset, seed)
     model.load_state_dict(torch.load(work / "dit_ema.pt"))
-    model.eval().requires_grad_(False)
-    vae = VideoVAE(load_vae(preset, work), preset.vae)
-    comp = MidCompressor(replace(preset.compressor, mode="hr+lr"), model.dim, model.patch_embedding, vae)
+    model.to(device).eval().requires_grad_(False)
+    vae = VideoVAE(load_vae(preset, work, device=device), preset.vae)
+    comp = MidCompressor(replace(preset.compressor, mode="hr+lr"), model.dim, model.patch_embedding, vae).to(device)
     chunk_grid = model.token_grid(preset.cache.chunk_frames, preset.latent_height, preset.latent_width)
     bgrid = block_grid(*chunk_grid)
     t0 = time.time()
@@ -169,11 +172,12 @@ def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, cl
     for step in progress(range(steps), steps, "hr"):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup=20)
-        idx = torch.from_numpy(rng.integers(0, clips, size=batch))
+        idx = torch.from_numpy(rng.integers(0, clips, size=batch)).to(device)
         current = int(rng.integers(sink + 2, n_chunks))                       # has >= 1 mid chunk
         mids = list(range(sink, current - 1))[-preset.cache.mid_topk:]
-        text, _ = captions(idx.numpy())
-        loss = packed_view_loss(preset, model, comp, latents[idx], lr_tok[idx], text, gen, current, mids, recipe)
+        text, _ = captions(idx.cpu().numpy())
+        loss = packed_view_loss(preset, model, comp, latents[idx], lr_tok[idx], text.to(device), gen, current, mids,
+                                recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -182,7 +186,7 @@ def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, cl
             logger.info("hr step %d loss %.4f", step, loss.item())
         if (work / "STOP_HR").exists():
             break
-    state = {f"hr.{k}": v.detach().clone() for k, v in comp.hr.state_dict().items()}
+    state = {f"hr.{k}": v.detach().cpu().clone() for k, v in comp.hr.state_dict().items()}
     torch.save(state, work / "hr.pt")
     save_curve(work / "loss_hr.png", {"packed-view loss (HR trained)": hist}, "HR compressor, end-to-end")
     info = {"wall_s": time.time() - t0, "steps": len(hist), "first_loss": float(np.mean(hist[:20])),

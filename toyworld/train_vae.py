@@ -50,10 +50,10 @@ def build_vae(preset):
     return AutoencoderKLWan(**preset.vae.diffusers_kwargs())
 
 
-def load_vae(preset, work: Path, name: str = "vae.pt"):
+def load_vae(preset, work: Path, name: str = "vae.pt", device: str = "cpu"):
     vae = build_vae(preset)
     vae.load_state_dict(torch.load(work / name, map_location="cpu"))
-    return vae.eval().requires_grad_(False)
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def clip_batch(world: World, batch: int, frames: int, size: int) -> torch.Tensor:
@@ -72,16 +72,16 @@ def vae_loss(vae, x: torch.Tensor, recipe: VAERecipe) -> tuple[torch.Tensor, dic
     mu = vae.encode(x).latent_dist.mean
     z = mu + recipe.latent_noise * mu.detach().std() * torch.randn_like(mu)
     rec = decode_unclamped(vae, z)
-    w = pixel_weights(x, recipe.fg_weight)
+    w = pixel_weights(x.cpu(), recipe.fg_weight).to(x.device)
     mse = ((rec - x).pow(2) * w).sum() / (w.sum() * 3)
     loss = mse + recipe.latent_l2 * mu.pow(2).mean()
     return loss, {"weighted_mse": mse.item(), "l1": (rec - x).abs().mean().item()}
 
 
-def train_vae(preset, work: Path, seed: int, recipe: VAERecipe) -> dict:
+def train_vae(preset, work: Path, seed: int, recipe: VAERecipe, device: str = "cpu") -> dict:
     torch.manual_seed(seed)
     world = World(seed + 1)
-    vae = build_vae(preset).train()
+    vae = build_vae(preset).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.99))
     hist: dict[str, list[float]] = {"weighted_mse": [], "l1": []}
     t0 = time.time()
@@ -92,7 +92,7 @@ def train_vae(preset, work: Path, seed: int, recipe: VAERecipe) -> dict:
             x = clip_batch(world, recipe.clip_batch, recipe.clip_frames, preset.height)
         else:
             x = clip_batch(world, recipe.image_batch, 1, preset.height)
-        loss, parts = vae_loss(vae, x, recipe)
+        loss, parts = vae_loss(vae, x.to(device), recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -106,7 +106,7 @@ def train_vae(preset, work: Path, seed: int, recipe: VAERecipe) -> dict:
     wall = time.time() - t0
     vae.eval()
     stats = fold_normalisation(vae, World(seed + 2), preset)
-    torch.save(vae.state_dict(), work / "vae.pt")
+    torch.save({k: v.cpu() for k, v in vae.state_dict().items()}, work / "vae.pt")
     save_curve(work / "loss_vae.png", hist, "VAE reconstruction")
     info = {"wall_s": wall, "steps": recipe.steps, "final_l1": float(np.mean(hist["l1"][-100:])),
             "final_weighted_mse": float(np.mean(hist["weighted_mse"][-100:])), "latent_stats_before_fold": stats}
@@ -118,7 +118,7 @@ def train_vae(preset, work: Path, seed: int, recipe: VAERecipe) -> dict:
 def fold_normalisation(vae, world: World, preset, clips: int = 32) -> dict:
     """Measure per-channel latent mean/std (posterior means) and fold them into the 1x1x1 quant convs: the encoder
     then emits (z - mean)/std and the decoder accepts it, so the preset's normalisation is 0/1."""
-    x = clip_batch(world, clips, 21, preset.height)
+    x = clip_batch(world, clips, 21, preset.height).to(vae.device)
     mu = torch.cat([vae.encode(x[i:i + 8]).latent_dist.mean for i in range(0, clips, 8)])
     mean = mu.mean(dim=(0, 2, 3, 4))
     std = mu.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
