@@ -32,26 +32,31 @@ def random_weights_preset(name: str) -> str:
     return bench.name
 
 
-def measure(gen: Generator, cache: str, chunks: int) -> dict:
+def measure(gen: Generator, cache: str, chunks: int, decode: bool = True) -> dict:
+    """decode=False steps with `advance()`: the transformer and the cache alone, no VAE decode (window/full only:
+    the packed cache's LR branch decodes anyway)."""
     cuda = gen.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    frames = 0
     with gen.open("a red panda eating bamboo in a snowy forest", seed=0, cache=cache) as s:
-        first = s.next_chunk()
+        step = s.next_chunk if decode else s.advance
+        step()
+        if cuda:
+            torch.cuda.synchronize()
         ttff = time.perf_counter() - t0
-        frames += first.shape[0]
+        first = s.stats()["frames"]
         t1 = time.perf_counter()
         for _ in tqdm(range(chunks - 1), desc=cache, unit="chunk", file=sys.stderr):
-            frames_chunk = s.next_chunk()
-            frames += frames_chunk.shape[0]
+            step()
+        if cuda:
+            torch.cuda.synchronize()
         steady = time.perf_counter() - t1
         st = s.stats()
-    later = frames - first.shape[0]
+    later = st["frames"] - first
     return {
-        "cache": cache, "ttff": ttff, "fps": later / steady if steady else float("nan"),
+        "cache": cache if decode else f"{cache}, no VAE", "ttff": ttff, "fps": later / steady if steady else float("nan"),
         "s_per_chunk": steady / max(1, chunks - 1), "kv_gb": st["kv_bytes"] / 1e9,
         "attended": st["attended_tokens"],
         "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan"),
@@ -66,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compression", default="lr", choices=("hr+lr", "hr", "lr", "pool"))
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--caches", nargs="+", default=["packed", "window", "full"])
+    ap.add_argument("--no-vae-row", action="store_true",
+                    help="add a row for the window cache without VAE decode: where the time goes")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     gen = Generator.from_preset(random_weights_preset(args.preset), device=args.device, dtype=dtype,
@@ -74,10 +81,11 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if gen.device.type == "cuda" else "cpu"
     print(f"{args.preset} random weights, {gen.preset.width}x{gen.preset.height}, {device}, {gen.dtype}, "
           f"warm-up {warm:.1f} s, {args.chunks} chunks per cache")
-    print(f"{'cache':<8} {'first frame s':>14} {'FPS':>7} {'s/chunk':>8} {'attended':>9} {'KV GB':>7} {'peak GB':>8}")
-    for cache in args.caches:
-        r = measure(gen, cache, args.chunks)
-        print(f"{r['cache']:<8} {r['ttff']:>14.2f} {r['fps']:>7.1f} {r['s_per_chunk']:>8.3f} {r['attended']:>9,} "
+    print(f"{'cache':<15} {'first frame s':>14} {'FPS':>7} {'s/chunk':>8} {'attended':>9} {'KV GB':>7} {'peak GB':>8}")
+    runs = [(cache, True) for cache in args.caches] + ([("window", False)] if args.no_vae_row else [])
+    for cache, decode in runs:
+        r = measure(gen, cache, args.chunks, decode)
+        print(f"{r['cache']:<15} {r['ttff']:>14.2f} {r['fps']:>7.1f} {r['s_per_chunk']:>8.3f} {r['attended']:>9,} "
               f"{r['kv_gb']:>7.2f} {r['peak_gb']:>8.2f}")
     return 0
 
