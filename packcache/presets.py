@@ -239,7 +239,7 @@ _TOY = Preset(
     cache=CacheConfig(chunk_frames=3, sink_chunks=2, recent_chunks=1, mid_topk=2, mid_capacity=16, window_chunks=3),
     compressor=CompressorConfig(mode="hr+lr", hr_channels=(16, 32, 64, 128)),
     # sigma 1, .75, .5, .25 with Euler steps: a from-scratch flow model, not a distilled one. Guidance 3 raises
-    # prompt following from 50% to 67% of chunks for a quarter more time per chunk (toyworld/eval/RESULTS.md).
+    # prompt following from 46% to 79% of chunks for about 15% more time per chunk (toyworld/eval/RESULTS.md).
     sampler=SamplerConfig(shift=1.0, between_steps="ode", guidance_scale=3.0),
     height=64,
     width=64,

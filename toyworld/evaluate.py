@@ -10,7 +10,7 @@ Tables (markdown) are printed and written to toyworld/eval/RESULTS.md:
 3. Real-time factor per cache kind: seconds of video per second of wall time on this CPU (threads as given).
 4. Prompt following: 20 prompts in the captions' vocabulary, the share of chunks whose dominant foreground colour
    is the prompt's colour; then 8 prompts with words training never saw (e.g. "crimson"), reported apart.
-5. Prompt switch ("cut"): chunks until the new colour dominates, over 10 switches.
+5. Prompt switch (`cut` and `recache`): chunks until the new colour dominates, over 10 switches each.
 6. Extrapolation: 120 s (24x the 5 s training clips) with packed, window and full caches: subject (colour and
    shape) consistency, background stability and motion per 10 s window, K/V bytes at chunk 10 vs the last chunk,
    and a PNG strip of one frame every 10 s per cache.

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from packcache.vae import decode_unclamped
+from packcache.vae import decode_unclamped, frames_to_uint8
 
 from .common import cosine_lr, progress, save_curve, to_tensor
 from .metrics import foreground
@@ -62,17 +62,17 @@ def clip_batch(world: World, batch: int, frames: int, size: int) -> torch.Tensor
 
 
 def pixel_weights(x: torch.Tensor, fg_weight: float) -> torch.Tensor:
-    """1 + fg_weight on foreground pixels (the metrics' own test: saturated and bright), (B, 1, F, H, W)."""
-    u8 = ((x.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    mask, _ = foreground(u8)
-    return torch.from_numpy(1.0 + fg_weight * mask.astype(np.float32))[:, None]
+    """1 + fg_weight on foreground pixels (the metrics' own test: saturated and bright), (B, 1, F, H, W), on x's
+    device."""
+    mask, _ = foreground(frames_to_uint8(x))
+    return torch.from_numpy(1.0 + fg_weight * mask.astype(np.float32))[:, None].to(x.device)
 
 
 def vae_loss(vae, x: torch.Tensor, recipe: VAERecipe) -> tuple[torch.Tensor, dict]:
     mu = vae.encode(x).latent_dist.mean
     z = mu + recipe.latent_noise * mu.detach().std() * torch.randn_like(mu)
     rec = decode_unclamped(vae, z)
-    w = pixel_weights(x.cpu(), recipe.fg_weight).to(x.device)
+    w = pixel_weights(x, recipe.fg_weight)
     mse = ((rec - x).pow(2) * w).sum() / (w.sum() * 3)
     loss = mse + recipe.latent_l2 * mu.pow(2).mean()
     return loss, {"weighted_mse": mse.item(), "l1": (rec - x).abs().mean().item()}
