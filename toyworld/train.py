@@ -144,8 +144,9 @@ class DiTRecipe:
     drop_prob: float = 0.5              # share of steps that drop a run of middle chunks (packed/window contexts)
     switch_prob: float = 0.2            # share of steps that cut to another scene mid-clip (prompt switches)
     ema: float = 0.995
-    sigma_levels: str = "uniform"        # "uniform": any level in (0, 1); "sampler": one of the 4 levels the
-    level_jitter: float = 0.05           #   sampler visits (+- this)
+    sigma_levels: str = "uniform"        # "uniform": any level in (0, 1); "shifted": uniform warped by
+    train_shift: float = 3.0             #   train_shift (more draws at high noise); "sampler": one of the 4
+    level_jitter: float = 0.05           #   levels the sampler visits (+- level_jitter)
 
 
 def draw_sigmas(shape: tuple[int, ...], preset, recipe: DiTRecipe, gen: torch.Generator) -> torch.Tensor:
@@ -154,6 +155,9 @@ def draw_sigmas(shape: tuple[int, ...], preset, recipe: DiTRecipe, gen: torch.Ge
     colour in 33% of probe chunks at step 3,000, against 75% for uniform."""
     if recipe.sigma_levels == "uniform":
         return torch.rand(shape, generator=gen)
+    if recipe.sigma_levels == "shifted":
+        from packcache.sampler import warp_sigma
+        return warp_sigma(torch.rand(shape, generator=gen) * 1000.0, recipe.train_shift)
     from packcache.sampler import FlowSampler
     levels = torch.tensor(FlowSampler(preset.sampler).sigmas, dtype=torch.float32)
     pick = levels[torch.randint(len(levels), shape, generator=gen)]
@@ -376,8 +380,10 @@ def main(argv=None):
     ap.add_argument("--clips", type=int, default=1024, help="5-second clips encoded for DiT training")
     ap.add_argument("--dit-steps", type=int, default=DiTRecipe.steps)
     ap.add_argument("--hr-steps", type=int, default=500)
-    ap.add_argument("--sigma-levels", choices=("uniform", "sampler"), default=DiTRecipe.sigma_levels,
+    ap.add_argument("--sigma-levels", choices=("uniform", "shifted", "sampler"), default=DiTRecipe.sigma_levels,
                     help="noise levels the DiT and HR stages train at (see DiTRecipe)")
+    ap.add_argument("--own-sigma", type=float, nargs=2, default=DiTRecipe.own_sigma, metavar=("LO", "HI"),
+                    help="noise range of the own-prediction contexts (the sampler's last level lies inside)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -395,7 +401,7 @@ def main(argv=None):
     summary = {st: {k: v for k, v in json.loads((work / f"{st}.json").read_text()).items() if k != "history"}
                for st in STAGES if (work / f"{st}.json").exists()}
     summary_path = work / "summary.json"
-    recipe = DiTRecipe(steps=args.dit_steps, sigma_levels=args.sigma_levels)
+    recipe = DiTRecipe(steps=args.dit_steps, sigma_levels=args.sigma_levels, own_sigma=tuple(args.own_sigma))
     t_all = time.time()
     if "vae" in stages:
         summary["vae"] = train_vae(preset, work, args.seed, VAERecipe(steps=args.vae_steps), device=device)
