@@ -140,3 +140,17 @@ def test_training_noise_levels_follow_the_recipe():
     u = draw_sigmas((4000,), p, DiTRecipe(sigma_levels="uniform"), torch.Generator().manual_seed(0))
     assert (u[:, None] - levels[None]).abs().min(dim=1).values.max() > 0.1
     assert 0.0 <= u.min() and u.max() <= 1.0
+
+
+def test_shifted_noise_levels_lean_to_high_noise():
+    """`shifted` draws are uniform levels warped by the training shift: still spread over (0, 1), with the share
+    above a level s rising from 1 - s (uniform) to what the warp predicts."""
+    from toyworld.train import DiTRecipe, draw_sigmas, toy_preset
+    p = toy_preset()
+    recipe = DiTRecipe(sigma_levels="shifted", train_shift=3.0)
+    s = draw_sigmas((20000,), p, recipe, torch.Generator().manual_seed(0))
+    assert 0.0 <= s.min() and s.max() <= 1.0 and s.min() < 0.01
+    # sigma > 0.625  <=>  t > 0.625 / (3 - 2 * 0.625) = 0.357 for shift 3
+    assert abs((s > 0.625).float().mean().item() - (1 - 0.625 / 1.75)) < 0.02
+    u = draw_sigmas((20000,), p, DiTRecipe(sigma_levels="uniform"), torch.Generator().manual_seed(0))
+    assert (u > 0.625).float().mean().item() < 0.4
