@@ -14,6 +14,11 @@ def to_tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).float().permute(3, 0, 1, 2) / 127.5 - 1.0
 
 
+def noise_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian noise shaped like x on x's device, drawn on the CPU generator: every device draws the same."""
+    return torch.randn(x.shape, generator=gen).to(x.device)
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int = 100, floor: float = 0.05) -> float:
     if step < warmup:
         return base * (step + 1) / warmup

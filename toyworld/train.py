@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import cosine_lr, progress, save_curve, to_tensor
+from .common import cosine_lr, noise_like, progress, save_curve, to_tensor
 from .metrics import foreground
 from .train_vae import VAERecipe, load_vae, train_vae
 from .world import World, caption
@@ -227,7 +227,7 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
     f = x0.shape[2]
     sigma = draw_sigmas((b, k), preset, recipe, gen).to(dev)
     sig_f = sigma.repeat_interleave(T, dim=1)                                   # (B, F)
-    eps = torch.randn(x0.shape, generator=gen).to(dev)
+    eps = noise_like(x0, gen)
     xn = (1 - sig_f)[:, None, :, None, None] * x0 + sig_f[:, None, :, None, None] * eps
     pos = torch.arange(f, dtype=torch.float64)
     mask = teacher_forcing_mask(list(range(k)), preset.tokens_per_frame, T).to(dev)
@@ -237,7 +237,7 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
         context = own_predictions(model, x0, own, text, recipe, gen, pos, mask)
     ctx_s = torch.rand(b, generator=gen) * recipe.ctx_noise_max
     ctx_s = torch.where(torch.rand(b, generator=gen) < recipe.ctx_noise_prob, ctx_s, torch.zeros(b)).to(dev)
-    eps2 = torch.randn(x0.shape, generator=gen).to(dev)
+    eps2 = noise_like(x0, gen)
     xc = (1 - ctx_s)[:, None, None, None, None] * context + ctx_s[:, None, None, None, None] * eps2
     inp = torch.cat([xc, xn], dim=2)
     timestep = torch.cat([ctx_s[:, None].expand(b, f), sig_f], dim=1) * 1000.0
@@ -262,7 +262,7 @@ def own_predictions(model, x0: torch.Tensor, rows: torch.Tensor, text: torch.Ten
     dev = x0.device
     rows = rows.to(dev)
     xs = x0[rows]
-    eps = torch.randn(xs.shape, generator=gen).to(dev)
+    eps = noise_like(xs, gen)
     n = xs.shape[0]
     sigma = (lo + (hi - lo) * torch.rand(n, generator=gen)).to(dev)
     s5 = sigma[:, None, None, None, None]

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .common import noise_like
+
 logger = logging.getLogger("toyworld.train")
 
 
@@ -71,13 +73,13 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
     chunk_grid = model.token_grid(T, preset.latent_height, preset.latent_width)
     from packcache.compress import block_grid as _bg
     bgrid = _bg(*chunk_grid)
-    n_c, n_b = chunk_grid[0] * chunk_grid[1] * chunk_grid[2], bgrid[0] * bgrid[1] * bgrid[2]
+    n_c = chunk_grid[0] * chunk_grid[1] * chunk_grid[2]
     sl = lambda j: x0[:, :, j * T:(j + 1) * T]   # noqa: E731
 
     from .train import DiTRecipe, draw_sigmas
     dev = x0.device   # random draws come from `gen` on the CPU, so every device draws the same
     sigma = draw_sigmas((b,), preset, recipe or DiTRecipe(), gen).to(dev)   # as the DiT stage trains
-    eps = torch.randn(sl(current).shape, generator=gen).to(dev)
+    eps = noise_like(sl(current), gen)
     xn = (1 - sigma)[:, None, None, None, None] * sl(current) + sigma[:, None, None, None, None] * eps
 
     # packed starts, walking back from the anchor: recent, mids, sink
@@ -168,7 +170,7 @@ def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, cl
     rng = np.random.default_rng(seed + 13)
     n_chunks = latents.shape[2] // preset.cache.chunk_frames
     sink = preset.cache.sink_chunks
-    hist, base_hist = [], []
+    hist = []
     for step in progress(range(steps), steps, "hr"):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup=20)
