@@ -154,3 +154,16 @@ def test_shifted_noise_levels_lean_to_high_noise():
     assert abs((s > 0.625).float().mean().item() - (1 - 0.625 / 1.75)) < 0.02
     u = draw_sigmas((20000,), p, DiTRecipe(sigma_levels="uniform"), torch.Generator().manual_seed(0))
     assert (u > 0.625).float().mean().item() < 0.4
+
+
+@needs_weights
+def test_evaluation_reports_prompt_following_by_chunk_index(gen):
+    """`toyworld.evaluate.prompt_drift`: one accuracy per chunk index and cache kind, and their mean."""
+    from toyworld.evaluate import prompt_drift
+    rows = prompt_drift(gen, ["a red circle bouncing on a striped blue background",
+                              "a green square orbiting on a plain gray background"], chunks=3)
+    assert [r["cache"] for r in rows] == ["packed", "window"]
+    for r in rows:
+        assert len(r["by_chunk"]) == 3 and all(v in (0.0, 0.5, 1.0) for v in r["by_chunk"])
+        assert r["all"] == pytest.approx(sum(r["by_chunk"]) / 3)
+        assert r["by_chunk"][0] == 1.0    # both subjects take their prompt's colour in the first chunk

@@ -10,7 +10,8 @@ Tables (markdown) are printed and written to toyworld/eval/RESULTS.md:
    time shift).
 3. Real-time factor per cache kind: seconds of video per second of wall time on this CPU (threads as given).
 4. Prompt following: 20 prompts in the captions' vocabulary, the share of chunks whose dominant foreground colour
-   is the prompt's colour; then 8 prompts with words training never saw (e.g. "crimson"), reported apart.
+   is the prompt's colour; then 8 prompts with words training never saw (e.g. "crimson"), reported apart; then the
+   same 20 prompts over 8 chunks, by chunk index, packed and window (drift away from the prompt).
 5. Prompt switch (`cut` and `recache`): chunks until the new colour dominates, over 10 switches each.
 6. Extrapolation: 120 s (24x the 5 s training clips) with packed, window and full caches: subject (colour and
    shape) consistency, background stability and motion per 10 s window, K/V bytes at chunk 10 vs the last chunk,
@@ -177,19 +178,32 @@ def realtime(gen, chunks: int = 12) -> list[dict]:
     return rows
 
 
-def prompt_following(gen, prompts: list[str], chunks: int = 4, seed: int = 100) -> tuple[list[dict], float]:
+def prompt_following(gen, prompts: list[str], chunks: int = 4, seed: int = 100,
+                     cache: str = "packed") -> tuple[list[dict], float]:
     rows = []
     hits = total = 0
     for i, prompt in enumerate(prompts):
         want = M.prompt_color(prompt)
-        s = gen.open(prompt, seed=seed + i, cache="packed")
+        s = gen.open(prompt, seed=seed + i, cache=cache)
         got = [M.dominant_color(s.next_chunk()) for _ in range(chunks)]
         s.close()
         ok = sum(g == want for g in got)
         hits += ok
         total += chunks
-        rows.append({"prompt": prompt, "want": want, "got": " ".join(str(g) for g in got), "match": f"{ok}/{chunks}"})
+        rows.append({"prompt": prompt, "want": want, "got": " ".join(str(g) for g in got), "match": f"{ok}/{chunks}",
+                     "hits": [g == want for g in got]})
     return rows, hits / max(1, total)
+
+
+def prompt_drift(gen, prompts: list[str], chunks: int = 8) -> list[dict]:
+    """Prompt following by chunk index, past the 4 chunks the headline number covers: does the stream keep the
+    prompt's colour, or drift away as its context fills with its own chunks? One row per cache kind."""
+    rows = []
+    for kind in ("packed", "window"):
+        per_prompt, acc = prompt_following(gen, prompts, chunks=chunks, cache=kind)
+        by_chunk = np.mean([r["hits"] for r in per_prompt], axis=0)
+        rows.append({"cache": kind, "by_chunk": [float(v) for v in by_chunk], "all": acc})
+    return rows
 
 
 def prompt_switches(gen, pairs, before: int = 3, after: int = 4, transition: str = "cut") -> tuple[list[dict], float]:
@@ -309,6 +323,16 @@ def main(argv=None):
         md += [f"### Words training never saw: prompt colour in **{acc:.0%}** of chunks ({len(unseen)} prompts)\n",
                md_table(rows, cols), ""]
         print(md[-3], flush=True)
+        rows = prompt_drift(gen, prompts)
+        results["prompt_drift"] = rows
+        n = len(rows[0]["by_chunk"])
+        table = [{"cache": r["cache"], "all": r["all"], **{f"chunk {k}": v for k, v in enumerate(r["by_chunk"])}}
+                 for r in rows]
+        md += [f"### By chunk index: prompt colour over {n} chunks ({len(prompts)} prompts; chunk 0 is 9 frames, "
+               "the others 12)\n",
+               md_table(table, [("cache", "cache", "")] + [(f"chunk {k}", f"chunk {k}", ".0%") for k in range(n)]
+                        + [("all", "all", ".0%")]), ""]
+        print(md[-2], flush=True)
 
     if "switch" in only:
         results["prompt_switch"] = {}
