@@ -254,10 +254,11 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
 @torch.no_grad()
 def own_predictions(model, x0: torch.Tensor, rows: torch.Tensor, text: torch.Tensor, recipe: DiTRecipe,
                     gen: torch.Generator, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The clean context replaced, for the samples in `rows`, by the model's own x0 estimates from a low noise
-    level: what the 4-step sampler commits (its last step predicts x0 from sigma 0.25), so the model learns to
-    continue from its own imperfect chunks rather than only from ground truth (the drift of long rollouts).
-    One extra forward pass, no backward; a cheap stand-in for Self-Forcing's full rollouts."""
+    """The clean context replaced, for the samples in `rows`, by the model's own x0 estimates from a noise level
+    in `own_sigma`: what the 4-step sampler commits (its last step predicts x0 from sigma 0.25 at shift 1, from 0.63
+    at shift 5), so the model learns to continue from its own imperfect chunks rather than only from ground truth
+    (the drift of long rollouts). One extra forward pass, no backward; a cheap stand-in for Self-Forcing's full
+    rollouts."""
     lo, hi = recipe.own_sigma
     dev = x0.device
     rows = rows.to(dev)
