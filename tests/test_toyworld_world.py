@@ -44,3 +44,22 @@ def test_prompt_color_parsing():
     assert M.prompt_color("a crimson ball on a blue backdrop") == "red"
     assert M.prompt_color("blue background with a green square") == "green"
     assert M.prompt_color("a plain black background") is None
+
+
+def test_sampler_sweep_prompts_are_not_the_evaluations():
+    """The sweep that picks sampler settings draws its own prompts: every colour, each named as the subject's,
+    none of them one of the evaluation's 20."""
+    import pytest
+
+    from toyworld import metrics as M
+    from toyworld.evaluate import PROMPTS
+    from toyworld.sampler_sweep import grammar_prompts, parse_spec
+    from toyworld.world import SHAPE_COLORS
+    prompts = grammar_prompts(16)
+    assert len(prompts) == 16 and len(set(prompts)) == 16
+    assert [M.prompt_color(p) for p in prompts] == list(SHAPE_COLORS) * 2
+    assert not set(prompts) & set(PROMPTS)
+    assert grammar_prompts(16) == prompts                      # seeded
+    assert parse_spec("3:5") == (3.0, 5.0)
+    with pytest.raises(SystemExit, match="guidance:shift"):
+        parse_spec("3")
