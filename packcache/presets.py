@@ -134,6 +134,10 @@ class SamplerConfig:
     flow matching expects: fresh noise would throw away the structure the previous step committed to).
     guidance_scale: classifier-free guidance against the empty prompt; 1 turns it off (distilled models bake it
     in). Above 1 every denoising step runs the DiT twice.
+    guidance_rescale: phi of Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", the
+    `guidance_rescale` of diffusers' pipelines): the guided velocity is scaled back toward the conditional one's
+    standard deviation, so a high scale keeps its pull toward the prompt without over-saturating. In a stream
+    over-saturation compounds, because each chunk is the next one's context.
     """
 
     timesteps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
@@ -141,6 +145,7 @@ class SamplerConfig:
     num_train_timesteps: int = 1000
     between_steps: Literal["fresh", "ode"] = "fresh"
     guidance_scale: float = 1.0
+    guidance_rescale: float = 0.0
 
 
 @dataclass(frozen=True)

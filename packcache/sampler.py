@@ -44,11 +44,18 @@ class FlowSampler:
         return self.renoise(x0, noise(), nxt)
 
     def guide(self, v_cond: torch.Tensor, v_uncond: torch.Tensor | None) -> torch.Tensor:
-        """Classifier-free guidance: v_u + g (v_c - v_u)."""
+        """Classifier-free guidance: v = v_u + g (v_c - v_u), then with rescale phi: phi v std(v_c)/std(v) +
+        (1 - phi) v, the standard deviations per sample over all its elements."""
         if v_uncond is None:
             return v_cond
-        g = self.config.guidance_scale
-        return (v_uncond.float() + g * (v_cond.float() - v_uncond.float())).to(v_cond.dtype)
+        g, phi = self.config.guidance_scale, self.config.guidance_rescale
+        vc = v_cond.float()
+        v = v_uncond.float() + g * (vc - v_uncond.float())
+        if phi > 0:
+            dims = tuple(range(1, v.ndim))
+            ratio = vc.std(dim=dims, keepdim=True) / v.std(dim=dims, keepdim=True).clamp_min(1e-6)
+            v = phi * v * ratio + (1 - phi) * v
+        return v.to(v_cond.dtype)
 
     @property
     def guided(self) -> bool:

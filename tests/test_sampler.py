@@ -53,3 +53,19 @@ def test_guidance_extrapolates_from_unconditional_to_conditional():
     assert s.guided and not FlowSampler(SamplerConfig()).guided
     torch.testing.assert_close(s.guide(vc, vu), torch.tensor([2.0, 2.0]))
     torch.testing.assert_close(s.guide(vc, None), vc)
+
+
+def test_guidance_rescale_brings_back_the_conditional_spread():
+    """phi = 1: the guided velocity keeps its direction but gets the conditional velocity's standard deviation, per
+    sample; phi = 0.5 lands halfway; phi = 0 is plain guidance."""
+    from dataclasses import replace
+    g = torch.Generator().manual_seed(0)
+    vc, vu = torch.randn(2, 4, 3, 5, generator=g), torch.randn(2, 4, 3, 5, generator=g)
+    plain = FlowSampler(replace(SamplerConfig(), guidance_scale=5.0)).guide(vc, vu)
+    full = FlowSampler(replace(SamplerConfig(), guidance_scale=5.0, guidance_rescale=1.0)).guide(vc, vu)
+    half = FlowSampler(replace(SamplerConfig(), guidance_scale=5.0, guidance_rescale=0.5)).guide(vc, vu)
+    for i in range(2):
+        assert plain[i].std() > 1.5 * vc[i].std()
+        torch.testing.assert_close(full[i].std(), vc[i].std())
+        torch.testing.assert_close(full[i] / full[i].norm(), plain[i] / plain[i].norm())
+    torch.testing.assert_close(half, (plain + full) / 2)

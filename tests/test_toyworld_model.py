@@ -167,3 +167,81 @@ def test_evaluation_reports_prompt_following_by_chunk_index(gen):
         assert len(r["by_chunk"]) == 3 and all(v in (0.0, 0.5, 1.0) for v in r["by_chunk"])
         assert r["all"] == pytest.approx(sum(r["by_chunk"]) / 3)
         assert r["by_chunk"][0] == 1.0    # both subjects take their prompt's colour in the first chunk
+
+
+@needs_weights
+def test_vae_ceiling_counts_windows_per_colour(gen):
+    """`toyworld.evaluate.vae_ceiling`: every colour measured; the shipped VAE keeps most windows' colour (an
+    untrained one keeps none: its decoded frames have no bright foreground at all)."""
+    from toyworld.evaluate import vae_ceiling
+    from toyworld.world import SHAPE_COLORS
+    rows = vae_ceiling(gen, clips_per_color=1)
+    assert [r["color"] for r in rows] == list(SHAPE_COLORS)
+    assert all(0 < r["windows"] <= 2 and 0 <= r["kept"] <= r["windows"] for r in rows)
+    assert sum(r["kept"] for r in rows) >= 0.75 * sum(r["windows"] for r in rows)
+
+
+def test_rollout_context_samples_only_the_chosen_chunks_causally():
+    """The rollout contexts (`drift` stage, `--roll-prob`): for the chosen samples, chunks first..k-2 are sampled by the model one after
+    another (guided Euler steps from noise); chunk 0, the chunks before `first`, the last chunk and the other
+    samples stay ground truth. Sampling is causal: a sampled chunk ignores the ground truth at and after it, and
+    the next one continues from the sampled chunk, not from the ground truth it replaced."""
+    from toyworld.train import build_model, rollout_context, toy_preset
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    p = toy_preset()
+    T = p.cache.chunk_frames
+    torch.manual_seed(0)
+    ctx = torch.randn(3, 16, 5 * T, p.latent_height, p.latent_width)
+    text, null = torch.randn(3, 8, p.text.dim), torch.randn(1, 8, p.text.dim)
+    model = build_model(p, 0).eval()
+    rows = torch.tensor([True, False, True])
+
+    def roll(c):
+        return rollout_context(model, c, rows, text, null, p, torch.Generator().manual_seed(1), first=2)
+
+    out = roll(ctx)
+    torch.testing.assert_close(out, roll(ctx))
+    assert torch.equal(out[1], ctx[1])
+    assert torch.equal(out[rows][:, :, :2 * T], ctx[rows][:, :, :2 * T])
+    assert torch.equal(out[rows][:, :, 4 * T:], ctx[rows][:, :, 4 * T:])
+    for c in (2, 3):
+        assert not torch.allclose(out[rows][:, :, c * T:(c + 1) * T], ctx[rows][:, :, c * T:(c + 1) * T])
+    changed = ctx.clone()
+    changed[:, :, 2 * T:] += 1.0                       # the ground truth the sampled chunks replace, and after
+    expected = torch.where(rows[:, None, None, None, None], out, changed)
+    torch.testing.assert_close(roll(changed)[:, :, 2 * T:4 * T], expected[:, :, 2 * T:4 * T])
+    with pytest.raises(AssertionError):
+        rollout_context(model, ctx, rows, text, null, p, torch.Generator(), first=0)
+    torch.set_num_threads(threads)
+
+
+def test_drift_stage_fine_tunes_the_dit_and_later_stages_take_it(tmp_path):
+    """`--stages drift`: starts from the `dit` stage's weights, continues from drifted contexts, writes its own file,
+    which `hr` and `pack` then use; without drifted copies in the data it stops with one clear message."""
+    from toyworld.train import (DIT_FILE, TUNED_FILE, DiTRecipe, DriftRecipe, build_model, final_dit_file,
+                                scene_to_dict, toy_preset, train_drift)
+    from toyworld.world import World
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    p = toy_preset()
+    world = World(0)
+    scenes = [scene_to_dict(world.sample(1, 64)[2]) for _ in range(4)]
+    g = torch.Generator().manual_seed(0)
+    data = {"latents": torch.randn(4, 16, 21, 8, 8, generator=g).half(), "foreground": torch.zeros(4, 21, 8, 8),
+            "scenes": scenes}
+    torch.save(build_model(p, 0).state_dict(), tmp_path / DIT_FILE)
+    torch.save(data, tmp_path / "data.pt")
+    tune = DriftRecipe(steps=3, drift_prob=1.0)
+    with pytest.raises(SystemExit, match="drifted copies"):
+        train_drift(p, tmp_path, 0, DiTRecipe(batch=2), tune)
+    data["drifted"] = torch.randn(4, 16, 21, 8, 8, generator=g).half()
+    torch.save(data, tmp_path / "data.pt")
+    assert final_dit_file(tmp_path) == tmp_path / DIT_FILE
+    info = train_drift(p, tmp_path, 0, DiTRecipe(batch=2), tune)
+    torch.set_num_threads(threads)
+    assert info["steps"] == 3 and np.isfinite(info["final_loss"])
+    assert final_dit_file(tmp_path) == tmp_path / TUNED_FILE
+    before, after = torch.load(tmp_path / DIT_FILE), torch.load(tmp_path / TUNED_FILE)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point)

@@ -14,6 +14,9 @@ Stages (each saves its state under --work, so a stage can be re-run alone with -
            style). Caption augmentation (synonyms, templates), 10% empty prompts (for classifier-free guidance),
            positions under shapes weighted up, random context dropping (the packed/windowed contexts met beyond
            5 s) and mid-clip scene cuts (prompt switches).
+   `drift` (optional, not in the default stages: measured, no gain with the shipped sampler) fine-tunes the DiT
+           against the drift of long streams: contexts from colour-drifted copies of the clips, or from chunks the
+           model sampled itself (`DriftRecipe`).
 4. `hr`    the HR compressor branch, end-to-end through the frozen DiT: chunk i is denoised against
            [sink chunks ; compressed mid blocks ; recent chunk] and the loss back-propagates into the HR convs
            (`toyworld/train_hr.py`).
@@ -39,9 +42,10 @@ import torch
 import torch.nn.functional as F
 
 from .common import cosine_lr, noise_like, progress, save_curve, to_tensor
+from .drift import drift_colors
 from .metrics import foreground
 from .train_vae import VAERecipe, load_vae, train_vae
-from .world import World, caption
+from .world import World, caption, render, replace
 
 logger = logging.getLogger("toyworld.train")
 
@@ -85,42 +89,54 @@ def foreground_fraction(frames: np.ndarray, temporal: int = 4, spatial: int = 8)
 
 
 @torch.no_grad()
-def _encode_shard(args) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    preset_name, work, seed, clips, batch, device = args
+def _encode_shard(args) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[dict]]:
+    preset_name, work, seed, clips, batch, device, drifted_copies = args
     torch.set_num_threads(1)
     from packcache.presets import get_preset
     preset = get_preset(preset_name)
     vae = load_vae(preset, Path(work), device=device)
     world = World(seed)
-    lat, fg, scenes = [], [], []
+    drift_rng = np.random.default_rng(seed + 7)      # its own stream: the clips are those of the world seed alone
+    lat, drifted, fg, scenes = [], [], [], []
     for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, f"data[{seed}]"):
-        xs = []
+        xs, ds = [], []
         for _ in range(batch):
             frames, _, scene = world.sample(CLIP_FRAMES, preset.height, augment_caption=False)
             xs.append(to_tensor(frames))
+            if drifted_copies:
+                backdrop = render(replace(scene, shapes=()), num_frames=1, size=preset.height)[0]
+                ds.append(to_tensor(drift_colors(frames, drift_rng, backdrop)))
             fg.append(foreground_fraction(frames).half())
             scenes.append(scene_to_dict(scene))
         lat.append(vae.encode(torch.stack(xs).to(device)).latent_dist.mean.half().cpu())
-    return torch.cat(lat)[:clips], torch.stack(fg)[:clips], scenes[:clips]
+        if drifted_copies:
+            drifted.append(vae.encode(torch.stack(ds).to(device)).latent_dist.mean.half().cpu())
+    return (torch.cat(lat)[:clips], torch.cat(drifted)[:clips] if drifted_copies else None, torch.stack(fg)[:clips],
+            scenes[:clips])
 
 
 def make_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8, workers: int = 2,
-                 device: str = "cpu") -> dict:
+                 device: str = "cpu", drifted_copies: bool = False) -> dict:
     """Encode `clips` 5-second toy clips with the trained VAE -> latents (N, 16, 21, h, w), their foreground maps
-    (N, 21, h, w) and scenes. Split over `workers` single-threaded processes (each shard has its own world seed)."""
+    (N, 21, h, w) and scenes; with `drifted_copies` also the latents of colour-drifted copies (`toyworld.drift`,
+    for the `drift` stage; the clips themselves stay the same). Split over `workers` single-threaded processes
+    (each shard has its own world seed)."""
     t0 = time.time()
     per = [clips // workers + (i < clips % workers) for i in range(workers)]
-    jobs = [(preset.name, str(work), seed + 2 + 1000 * i, per[i], batch, device) for i in range(workers)]
+    jobs = [(preset.name, str(work), seed + 2 + 1000 * i, per[i], batch, device, drifted_copies)
+            for i in range(workers)]
     if workers > 1:
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(workers) as pool:
             shards = pool.map(_encode_shard, jobs)
     else:
         shards = [_encode_shard(jobs[0])]
-    latents = torch.cat([s[0] for s in shards])
-    fg = torch.cat([s[1] for s in shards])
-    scenes = [d for s in shards for d in s[2]]
-    torch.save({"latents": latents, "foreground": fg, "scenes": scenes}, work / "data.pt")
+    data = {"latents": torch.cat([s[0] for s in shards]), "foreground": torch.cat([s[2] for s in shards]),
+            "scenes": [d for s in shards for d in s[3]]}
+    if drifted_copies:
+        data["drifted"] = torch.cat([s[1] for s in shards])
+    torch.save(data, work / "data.pt")
+    latents = data["latents"]
     info = {"wall_s": time.time() - t0, "clips": clips, "latent_shape": list(latents.shape),
             "latent_mean": latents.float().mean().item(), "latent_std": latents.float().std().item()}
     (work / "data.json").write_text(json.dumps(info))
@@ -147,6 +163,26 @@ class DiTRecipe:
     sigma_levels: str = "uniform"        # "uniform": any level in (0, 1); "shifted": uniform warped by
     train_shift: float = 3.0             #   train_shift (more draws at high noise); "sampler": one of the 4
     level_jitter: float = 0.05           #   levels the sampler visits (+- level_jitter)
+    drift_prob: float = 0.0              # share of steps whose context is a colour-drifted copy of the clip
+    roll_prob: float = 0.0               # share of samples whose context ends in chunks the model *sampled* itself
+    roll_chunks: int = 2                 #   (1..roll_chunks of them, 4 guided steps from pure noise)
+
+
+@dataclass
+class DriftRecipe:
+    """The `drift` stage: a short fine-tune of the teacher-forced DiT against the drift of long streams.
+
+    `drift_prob` of the steps continue from a colour-drifted copy of the clip (`toyworld.drift`): the context's
+    background or subject has slid away from the prompt, the targets are the true clip's next chunks under its
+    true caption. `roll_prob` of the samples instead continue from 1..`roll_chunks` chunks the model sampled
+    itself with the shipped sampler (Self-Forcing's rollouts with the plain flow-matching loss and ground-truth
+    targets); measured not to help here (toyworld/README.md), so off by default."""
+    steps: int = 1000
+    lr: float = 3e-4
+    warmup: int = 20
+    drift_prob: float = 0.5
+    roll_prob: float = 0.0
+    roll_chunks: int = 2
 
 
 def draw_sigmas(shape: tuple[int, ...], preset, recipe: DiTRecipe, gen: torch.Generator) -> torch.Tensor:
@@ -212,12 +248,13 @@ def build_model(preset, seed: int):
 
 def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: DiTRecipe,
              gen: torch.Generator, keep_chunks: list[int], loss_from_chunk: int = 0,
-             fg: torch.Tensor | None = None) -> torch.Tensor:
+             fg: torch.Tensor | None = None, null_text: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher-forcing flow-matching loss on a batch of clips (B, 16, F, h, w), chunks `keep_chunks` only.
 
     One noise level per chunk (diffusion-forcing style), from `draw_sigmas`.
     Chunks before `loss_from_chunk` are context only (a prompt switch: they come from another scene). `fg`
-    (B, F, h, w): foreground share per latent position, weighing the shapes up."""
+    (B, F, h, w): foreground share per latent position, weighing the shapes up. `null_text` (1, L, D): the empty
+    prompt's embedding, for the guided rollouts of `recipe.roll_prob`."""
     T = preset.cache.chunk_frames
     b = latents.shape[0]
     dev = latents.device                # random draws come from `gen` on the CPU, so every device draws the same
@@ -232,9 +269,16 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
     pos = torch.arange(f, dtype=torch.float64)
     mask = teacher_forcing_mask(list(range(k)), preset.tokens_per_frame, T).to(dev)
     context = x0
-    own = torch.rand(b, generator=gen) < recipe.own_context_prob
+    # (the rollout draw only when rollouts are on: the `dit` stage keeps the random stream it always had)
+    roll = torch.rand(b, generator=gen) < recipe.roll_prob if recipe.roll_prob > 0 else torch.zeros(b, dtype=torch.bool)
+    own = (torch.rand(b, generator=gen) < recipe.own_context_prob) & ~roll
     if own.any():
         context = own_predictions(model, x0, own, text, recipe, gen, pos, mask)
+    first_rolled = k
+    if roll.any():
+        n_gen = int(torch.randint(1, recipe.roll_chunks + 1, (1,), generator=gen))
+        first_rolled = max(1, k - 1 - n_gen)
+        context = rollout_context(model, context, roll, text, null_text, preset, gen, first_rolled)
     ctx_s = torch.rand(b, generator=gen) * recipe.ctx_noise_max
     ctx_s = torch.where(torch.rand(b, generator=gen) < recipe.ctx_noise_prob, ctx_s, torch.zeros(b)).to(dev)
     eps2 = noise_like(x0, gen)
@@ -247,6 +291,8 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
         w = w + recipe.fg_weight * (4.0 * fg[:, frames.to(fg.device)].float().to(dev)).clamp(max=1.0)
     in_loss = torch.tensor([float(c >= loss_from_chunk) for c in keep_chunks], device=dev).repeat_interleave(T)
     w = w * in_loss[None, :, None, None]
+    if roll.any():      # rolled-out samples learn only where their context holds sampled chunks
+        w[roll.to(dev), :(first_rolled + 1) * T] = 0.0
     err = (v.float() - (eps - x0)).pow(2).mean(dim=1)                          # (B, F, h, w)
     return (err * w).sum() / w.sum().clamp_min(1.0)
 
@@ -276,6 +322,50 @@ def own_predictions(model, x0: torch.Tensor, rows: torch.Tensor, text: torch.Ten
     return out
 
 
+@torch.no_grad()
+def rollout_context(model, context: torch.Tensor, rows: torch.Tensor, text: torch.Tensor, null_text: torch.Tensor,
+                    preset, gen: torch.Generator, first: int) -> torch.Tensor:
+    """The context of the samples in `rows` with its chunks `first` .. k-2 (never chunk 0) replaced by chunks
+    the model samples one after another, exactly as a stream does: the preset's sampler (4 Euler steps from pure
+    noise, classifier-free guidance against `null_text`), each chunk attending the clean chunks before it, ground
+    truth or already sampled. The last chunk's loss then sees a context ending in k-1-first chunks of the model's.
+
+    The unconditional branch sees the context under the empty prompt, as training's empty-prompt samples do (the
+    stream's cache holds it under the prompt: a small difference)."""
+    from packcache.sampler import FlowSampler
+    sampler = FlowSampler(preset.sampler)
+    T, tpf = preset.cache.chunk_frames, preset.tokens_per_frame
+    dev = context.device
+    rows = rows.to(dev)
+    ctx = context[rows].clone()
+    n, k = ctx.shape[0], ctx.shape[2] // T
+    per_chunk = T * tpf
+    full = teacher_forcing_mask(list(range(k)), tpf, T)          # [clean 0..k-1 ; noisy 0..k-1]
+    texts = torch.cat([text[rows], null_text.to(dev).expand(n, *null_text.shape[1:])]) if sampler.guided \
+        else text[rows]
+    assert 1 <= first <= k - 2, "chunk 0 stays ground truth and the last chunk is the one to learn"
+    for c in range(first, k - 1):
+        keep = torch.cat([torch.arange(c * per_chunk), k * per_chunk + torch.arange(c * per_chunk, (c + 1) * per_chunk)])
+        mask = full[keep][:, keep].to(dev)                        # clean 0..c-1 block-causal, noisy c sees them
+        pos = torch.arange((c + 1) * T, dtype=torch.float64)
+        x = noise_like(ctx[:, :, c * T:(c + 1) * T], gen)
+        x0 = x
+        for step, sigma in enumerate(sampler.sigmas):
+            inp = torch.cat([ctx[:, :, :c * T], x], dim=2)
+            t = torch.cat([torch.zeros(n, c * T), torch.full((n, T), sigma)], dim=1).to(dev) * 1000.0
+            if sampler.guided:
+                inp, t = torch.cat([inp, inp]), torch.cat([t, t])
+            v = model.forward_sequence(inp, t, texts, pos, mask)[:, :, c * T:]
+            v = sampler.guide(v[:n], v[n:]) if sampler.guided else v
+            x0 = sampler.x0_from_velocity(x, v, sigma)
+            if step + 1 < sampler.steps:
+                x = sampler.next_x(x, v, x0, step, lambda x=x: noise_like(x, gen))
+        ctx[:, :, c * T:(c + 1) * T] = x0.to(ctx.dtype)
+    out = context.clone()
+    out[rows] = ctx
+    return out
+
+
 def choose_chunks(rng: np.random.Generator, n_chunks: int, sink: int, drop_prob: float) -> list[int]:
     """All chunks, or (with drop_prob) the sink chunks then a run of >= 2 consecutive later chunks, which may
     start right after the sink or leave a gap: the contexts bounded caches (sink + recent) produce. Shorter
@@ -287,37 +377,60 @@ def choose_chunks(rng: np.random.Generator, n_chunks: int, sink: int, drop_prob:
     return list(range(sink)) + list(range(start, end))
 
 
+DIT_FILE = "dit_ema.pt"        # the teacher-forced DiT (stage `dit`)
+TUNED_FILE = "dit_drift.pt"    # fine-tuned against drift (stage `drift`); `hr` and `pack` take it when present
+
+
+def final_dit_file(work: Path) -> Path:
+    """The DiT the later stages use: the `drift` stage's output when there is one (the `dit` stage deletes it)."""
+    tuned = work / TUNED_FILE
+    return tuned if tuned.exists() else work / DIT_FILE
+
+
 def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | None = None,
-              device: str = "cpu") -> dict:
+              device: str = "cpu", init: Path | None = None, out_name: str = DIT_FILE, name: str = "dit",
+              warmup: int = 100) -> dict:
+    """Teacher forcing from scratch (stage `dit`) or, with `init` and the recipe's drift and rollout shares, the
+    fine-tune against drift (stage `drift`): one loop, EMA weights saved as `out_name`, curve and report under
+    `name`."""
     data = data or torch.load(work / "data.pt")
     latents, fg = data["latents"], data["foreground"]
     n = latents.shape[0]
     T = preset.cache.chunk_frames
     n_chunks = latents.shape[2] // T
-    model = build_model(preset, seed).to(device).train()
+    model = build_model(preset, seed)
+    if init is not None:
+        model.load_state_dict(torch.load(init))
+    model = model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     captions = CaptionSampler(preset, data["scenes"], seed + 3, recipe.null_prompt_prob)
+    null_text = captions.encoder.encode([""]).to(device) if recipe.roll_prob > 0 else None
     gen = torch.Generator().manual_seed(seed + 4)
     rng = np.random.default_rng(seed + 5)
     hist: list[float] = []
     t0 = time.time()
-    for step in progress(range(recipe.steps), recipe.steps, "dit"):
+    for step in progress(range(recipe.steps), recipe.steps, name):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, recipe.steps, recipe.lr, warmup=100)
+            g["lr"] = cosine_lr(step, recipe.steps, recipe.lr, warmup=warmup)
         idx = rng.integers(0, n, size=recipe.batch)
         text, _ = captions(idx)
         keep = choose_chunks(rng, n_chunks, preset.cache.sink_chunks, recipe.drop_prob)
         batch, batch_fg = latents[idx], fg[idx]
         loss_from = 0
-        if rng.random() < recipe.switch_prob:   # context from scene A, prompt and continuation from scene B
+        u = rng.random()
+        if u < recipe.switch_prob:   # context from scene A, prompt and continuation from scene B
             j = int(rng.choice(keep[1:]))
             other = latents[rng.integers(0, n, size=recipe.batch)]
             batch = torch.cat([other[:, :, :j * T], batch[:, :, j * T:]], dim=2)
             loss_from = j
+        elif u < recipe.switch_prob + recipe.drift_prob:   # context drifted off the prompt, continuation true
+            j = int(rng.choice(keep[1:]))
+            batch = torch.cat([data["drifted"][idx][:, :, :j * T], batch[:, :, j * T:]], dim=2)
+            loss_from = j
         loss = dit_loss(model, batch.to(device), text.to(device), preset, recipe, gen, keep, loss_from,
-                        batch_fg.to(device))
+                        batch_fg.to(device), null_text)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -329,17 +442,31 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
                     ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
         hist.append(loss.item())
         if step % 100 == 0:
-            logger.info("dit step %d loss %.4f (%.0fs)", step, float(np.mean(hist[-100:])), time.time() - t0)
-            save_curve(work / "loss_dit.png", {"flow-matching loss (weighted)": hist}, "causal DiT")
+            logger.info("%s step %d loss %.4f (%.0fs)", name, step, float(np.mean(hist[-100:])), time.time() - t0)
+            save_curve(work / f"loss_{name}.png", {"flow-matching loss (weighted)": hist}, f"causal DiT ({name})")
         if step % 500 == 499:
-            torch.save({k: v.cpu() for k, v in ema.items()}, work / "dit_ema.pt")
+            torch.save({k: v.cpu() for k, v in ema.items()}, work / out_name)
     wall = time.time() - t0
-    torch.save({k: v.cpu() for k, v in ema.items()}, work / "dit_ema.pt")
-    save_curve(work / "loss_dit.png", {"flow-matching loss (weighted)": hist}, "causal DiT")
+    torch.save({k: v.cpu() for k, v in ema.items()}, work / out_name)
+    save_curve(work / f"loss_{name}.png", {"flow-matching loss (weighted)": hist}, f"causal DiT ({name})")
     info = {"wall_s": wall, "steps": len(hist), "first_loss": float(np.mean(hist[:100])),
             "final_loss": float(np.mean(hist[-100:]))}
-    (work / "dit.json").write_text(json.dumps(info))
+    (work / f"{name}.json").write_text(json.dumps(info))
     return info
+
+
+def train_drift(preset, work: Path, seed: int, recipe: DiTRecipe, tune: DriftRecipe, device: str = "cpu") -> dict:
+    """Stage `drift`: the `dit` stage's weights fine-tuned per `DriftRecipe`, same data and augmentations, fresh
+    seeds."""
+    from dataclasses import replace
+    data = torch.load(work / "data.pt")
+    if tune.drift_prob > 0 and "drifted" not in data:
+        raise SystemExit("the drift stage needs the drifted copies: run the data stage with it "
+                         "(--stages data,drift,...)")
+    r = replace(recipe, steps=tune.steps, lr=tune.lr, drift_prob=tune.drift_prob, roll_prob=tune.roll_prob,
+                roll_chunks=tune.roll_chunks)
+    return train_dit(preset, work, seed + 50, r, data=data, device=device, init=work / DIT_FILE,
+                     out_name=TUNED_FILE, name="drift", warmup=tune.warmup)
 
 
 # ========================================================================================== pack and save
@@ -347,7 +474,7 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
 def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
     from safetensors.torch import save_file
     state = {}
-    for k, v in torch.load(work / "dit_ema.pt").items():
+    for k, v in torch.load(final_dit_file(work)).items():
         state[f"transformer.{k[len('transformer.'):]}" if k.startswith("transformer.") else f"transformer.{k}"] = v
     for k, v in torch.load(work / "vae.pt").items():
         state[f"vae.{k}"] = v
@@ -366,20 +493,30 @@ def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
 
 # ===================================================================================================== main
 
-STAGES = ("vae", "data", "dit", "hr", "pack")
+STAGES = ("vae", "data", "dit", "drift", "hr", "pack")
+DEFAULT_STAGES = ("vae", "data", "dit", "hr", "pack")   # `drift` measured, not shipped (toyworld/README.md)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="safetensors file to write")
     ap.add_argument("--work", type=Path, default=None, help="working folder for stage outputs (default: next to --out)")
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of stages to run, from {STAGES}")
+    ap.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                    help=f"comma list of stages to run, from {STAGES} (default: all but drift)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2, or $TOYWORLD_THREADS)")
     ap.add_argument("--device", default=None, help="torch device to train on (default: cuda when there is one, else cpu)")
     ap.add_argument("--vae-steps", type=int, default=VAERecipe.steps)
     ap.add_argument("--clips", type=int, default=1024, help="5-second clips encoded for DiT training")
     ap.add_argument("--dit-steps", type=int, default=DiTRecipe.steps)
+    ap.add_argument("--drift-steps", type=int, default=DriftRecipe.steps)
+    ap.add_argument("--drift-prob", type=float, default=DriftRecipe.drift_prob,
+                    help="share of the drift stage's steps that continue from a colour-drifted context")
+    ap.add_argument("--roll-prob", type=float, default=DriftRecipe.roll_prob,
+                    help="share of the drift stage's samples whose context ends in the model's own sampled chunks")
+    ap.add_argument("--roll-chunks", type=int, default=DriftRecipe.roll_chunks,
+                    help="the drift stage's rollouts sample 1..this many chunks before the last one")
+    ap.add_argument("--drift-lr", type=float, default=DriftRecipe.lr)
     ap.add_argument("--hr-steps", type=int, default=500)
     ap.add_argument("--sigma-levels", choices=("uniform", "shifted", "sampler"), default=DiTRecipe.sigma_levels,
                     help="noise levels the DiT and HR stages train at (see DiTRecipe)")
@@ -408,11 +545,18 @@ def main(argv=None):
         summary["vae"] = train_vae(preset, work, args.seed, VAERecipe(steps=args.vae_steps), device=device)
         logger.info("vae done in %.0fs: l1 %.4f", summary["vae"]["wall_s"], summary["vae"]["final_l1"])
     if "data" in stages:
-        summary["data"] = make_dataset(preset, work, args.seed, args.clips, device=device)
+        summary["data"] = make_dataset(preset, work, args.seed, args.clips, device=device,
+                                       drifted_copies="drift" in stages)
         logger.info("data done in %.0fs", summary["data"]["wall_s"])
     if "dit" in stages:
         summary["dit"] = train_dit(preset, work, args.seed, recipe, device=device)
         logger.info("dit done in %.0fs: loss %.4f", summary["dit"]["wall_s"], summary["dit"]["final_loss"])
+        (work / TUNED_FILE).unlink(missing_ok=True)      # made from the previous DiT
+    if "drift" in stages:
+        tune = DriftRecipe(steps=args.drift_steps, lr=args.drift_lr, drift_prob=args.drift_prob,
+                           roll_prob=args.roll_prob, roll_chunks=args.roll_chunks)
+        summary["drift"] = train_drift(preset, work, args.seed, recipe, tune, device=device)
+        logger.info("drift done in %.0fs: loss %.4f", summary["drift"]["wall_s"], summary["drift"]["final_loss"])
     if "hr" in stages:
         from .train_hr import train_hr
         info = train_hr(preset, work, args.seed, steps=args.hr_steps, recipe=recipe, device=device)

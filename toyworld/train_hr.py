@@ -155,7 +155,8 @@ def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, cl
     clips = min(clips, data["latents"].shape[0])
     latents = data["latents"][:clips].float().to(device)
     model = build_model(preset, seed)
-    model.load_state_dict(torch.load(work / "dit_ema.pt"))
+    from .train import final_dit_file
+    model.load_state_dict(torch.load(final_dit_file(work)))
     model.to(device).eval().requires_grad_(False)
     vae = VideoVAE(load_vae(preset, work, device=device), preset.vae)
     comp = MidCompressor(replace(preset.compressor, mode="hr+lr"), model.dim, model.patch_embedding, vae).to(device)
