@@ -66,7 +66,14 @@ def test_prompt_switch_changes_the_dominant_color(gen):
 
 def test_a_few_training_steps_reduce_the_loss():
     """The DiT stage on a fixed toy batch (untrained VAE-free latents stand-in: rendered clips pooled to 8x8)."""
-    from toyworld.train import DiTRecipe, build_model, choose_chunks, dit_loss, to_tensor, toy_preset
+    from toyworld.train import (
+        DiTRecipe,
+        build_model,
+        choose_chunks,
+        dit_loss,
+        to_tensor,
+        toy_preset,
+    )
     from toyworld.world import World
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # on a busy 2-core machine one thread is several times faster
@@ -170,15 +177,14 @@ def test_evaluation_reports_prompt_following_by_chunk_index(gen):
 
 
 @needs_weights
-def test_vae_ceiling_counts_windows_per_colour(gen):
-    """`toyworld.evaluate.vae_ceiling`: every colour measured; the shipped VAE keeps most windows' colour (an
-    untrained one keeps none: its decoded frames have no bright foreground at all)."""
+def test_vae_ceiling_counts_chunks_by_index(gen):
+    """`toyworld.evaluate.vae_ceiling`: one row per chunk index over clips of every colour; the shipped VAE keeps
+    most chunks' colour (an untrained one keeps none: its decoded frames have no bright foreground at all)."""
     from toyworld.evaluate import vae_ceiling
-    from toyworld.world import SHAPE_COLORS
-    rows = vae_ceiling(gen, clips_per_color=1)
-    assert [r["color"] for r in rows] == list(SHAPE_COLORS)
-    assert all(0 < r["windows"] <= 2 and 0 <= r["kept"] <= r["windows"] for r in rows)
-    assert sum(r["kept"] for r in rows) >= 0.75 * sum(r["windows"] for r in rows)
+    rows = vae_ceiling(gen, clips_per_color=1, chunks=3)
+    assert [r["chunk"] for r in rows] == [0, 1, 2]
+    assert all(0 < r["clips"] <= 8 and 0 <= r["kept"] <= r["clips"] for r in rows)
+    assert sum(r["kept"] for r in rows) >= 0.75 * sum(r["clips"] for r in rows)
 
 
 def test_rollout_context_samples_only_the_chosen_chunks_causally():
@@ -219,8 +225,17 @@ def test_rollout_context_samples_only_the_chosen_chunks_causally():
 def test_drift_stage_fine_tunes_the_dit_and_later_stages_take_it(tmp_path):
     """`--stages drift`: starts from the `dit` stage's weights, continues from drifted contexts, writes its own file,
     which `hr` and `pack` then use; without drifted copies in the data it stops with one clear message."""
-    from toyworld.train import (DIT_FILE, TUNED_FILE, DiTRecipe, DriftRecipe, build_model, final_dit_file,
-                                scene_to_dict, toy_preset, train_drift)
+    from toyworld.train import (
+        DIT_FILE,
+        TUNED_FILE,
+        DiTRecipe,
+        DriftRecipe,
+        build_model,
+        final_dit_file,
+        scene_to_dict,
+        toy_preset,
+        train_drift,
+    )
     from toyworld.world import World
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
