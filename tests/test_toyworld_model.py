@@ -260,3 +260,26 @@ def test_drift_stage_fine_tunes_the_dit_and_later_stages_take_it(tmp_path):
     before, after = torch.load(tmp_path / DIT_FILE), torch.load(tmp_path / TUNED_FILE)
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point)
+
+
+def test_chunkwise_encoding_restarts_the_encoder_at_every_chunk():
+    """`encode_chunkwise` (the `recode` stage's data): 81 frames -> 21 latents as one encode gives, but each chunk
+    of 3 latents depends only on its own frames and the one before them, so the encoder's state cannot drift
+    along the clip."""
+    from toyworld.train import encode_chunkwise, toy_preset
+    from toyworld.train_vae import build_vae
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    vae = build_vae(toy_preset()).eval()
+    x = torch.rand(1, 3, 81, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = encode_chunkwise(vae, x)
+        assert z.shape == (1, 16, 21, 8, 8)
+        torch.testing.assert_close(z[:, :, :3], vae.encode(x[:, :, :9]).latent_dist.mean)
+        y = x.clone()
+        y[:, :, :44] = 0.0                       # everything before chunk 4's frames (44..56) and the one before
+        z2 = encode_chunkwise(vae, y)
+    torch.set_num_threads(threads)
+    torch.testing.assert_close(z2[:, :, 12:], z[:, :, 12:])
+    assert not torch.allclose(z2[:, :, 9:12], z[:, :, 9:12])

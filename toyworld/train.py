@@ -143,6 +143,41 @@ def make_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8, work
     return info
 
 
+def encode_chunkwise(vae, x: torch.Tensor, chunk_latents: int = 3) -> torch.Tensor:
+    """(B, 3, F, H, W) -> latents, each stream chunk encoded afresh: chunk 0 from its 9 frames, every later chunk
+    from its previous frame plus its own 12 (keeping the last 3 latents). Encoding a long clip in one go lets the
+    causal encoder's state drift: by chunk 7-8 the subject's colour is lost in 12% of clips, chunk by chunk in none
+    (toyworld/README.md), and the DiT learns whatever drift its targets carry."""
+    t = vae.config.scale_factor_temporal
+    first = 1 + t * (chunk_latents - 1)
+    per = t * chunk_latents
+    parts = [vae.encode(x[:, :, :first]).latent_dist.mean]
+    for a in range(first, x.shape[2], per):
+        parts.append(vae.encode(x[:, :, a - 1:a + per]).latent_dist.mean[:, :, 1:])
+    return torch.cat(parts, dim=2)
+
+
+@torch.no_grad()
+def make_chunkwise_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8, device: str = "cpu") -> dict:
+    """Fresh 5-second clips (their own world seed) encoded chunk by chunk (`encode_chunkwise`), for the `recode`
+    stage: latents, foreground maps and scenes as `make_dataset` stores them, in `data_chunkwise.pt`."""
+    t0 = time.time()
+    vae = load_vae(preset, work, device=device)
+    world = World(seed)
+    lat, fg, scenes = [], [], []
+    for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, "data (chunk by chunk)"):
+        xs = []
+        for _ in range(batch):
+            frames, _, scene = world.sample(CLIP_FRAMES, preset.height, augment_caption=False)
+            xs.append(to_tensor(frames))
+            fg.append(foreground_fraction(frames).half())
+            scenes.append(scene_to_dict(scene))
+        lat.append(encode_chunkwise(vae, torch.stack(xs).to(device)).half().cpu())
+    data = {"latents": torch.cat(lat)[:clips], "foreground": torch.stack(fg)[:clips], "scenes": scenes[:clips]}
+    torch.save(data, work / "data_chunkwise.pt")
+    return {"wall_s": time.time() - t0, "clips": clips, "latent_shape": list(data["latents"].shape)}
+
+
 # ============================================================================================ stage 3: DiT
 
 @dataclass
@@ -166,6 +201,17 @@ class DiTRecipe:
     drift_prob: float = 0.0              # share of steps whose context is a colour-drifted copy of the clip
     roll_prob: float = 0.0               # share of samples whose context ends in chunks the model *sampled* itself
     roll_chunks: int = 2                 #   (1..roll_chunks of them, 4 guided steps from pure noise)
+
+
+@dataclass
+class RecodeRecipe:
+    """The `recode` stage: the teacher-forced DiT fine-tuned on fresh clips encoded chunk by chunk, whose later
+    chunks do not carry the encoder's drift. Measured: streams stop drifting (toyworld/README.md)."""
+    clips: int = 512
+    data_seed: int = 123
+    steps: int = 800
+    lr: float = 3e-4
+    warmup: int = 20
 
 
 @dataclass
@@ -378,11 +424,11 @@ def choose_chunks(rng: np.random.Generator, n_chunks: int, sink: int, drop_prob:
 
 
 DIT_FILE = "dit_ema.pt"        # the teacher-forced DiT (stage `dit`)
-TUNED_FILE = "dit_drift.pt"    # fine-tuned against drift (stage `drift`); `hr` and `pack` take it when present
+TUNED_FILE = "dit_tuned.pt"    # fine-tuned (stages `recode`, `drift`); `hr` and `pack` take it when present
 
 
 def final_dit_file(work: Path) -> Path:
-    """The DiT the later stages use: the `drift` stage's output when there is one (the `dit` stage deletes it)."""
+    """The DiT the later stages use: the fine-tuned one when there is one (the `dit` stage deletes it)."""
     tuned = work / TUNED_FILE
     return tuned if tuned.exists() else work / DIT_FILE
 
@@ -455,9 +501,21 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
     return info
 
 
+def train_recode(preset, work: Path, seed: int, recipe: DiTRecipe, tune: RecodeRecipe, device: str = "cpu") -> dict:
+    """Stage `recode`: encode `tune.clips` fresh clips chunk by chunk, then fine-tune the `dit` stage's weights on
+    them with the DiT stage's loss and augmentations."""
+    from dataclasses import replace
+    data_info = make_chunkwise_dataset(preset, work, seed + tune.data_seed, tune.clips, device=device)
+    logger.info("chunk-by-chunk data done in %.0fs", data_info["wall_s"])
+    r = replace(recipe, steps=tune.steps, lr=tune.lr, drift_prob=0.0, roll_prob=0.0)
+    info = train_dit(preset, work, seed + 50, r, data=torch.load(work / "data_chunkwise.pt"), device=device,
+                     init=work / DIT_FILE, out_name=TUNED_FILE, name="recode", warmup=tune.warmup)
+    return {**info, "data": data_info}
+
+
 def train_drift(preset, work: Path, seed: int, recipe: DiTRecipe, tune: DriftRecipe, device: str = "cpu") -> dict:
-    """Stage `drift`: the `dit` stage's weights fine-tuned per `DriftRecipe`, same data and augmentations, fresh
-    seeds."""
+    """Stage `drift`: the current DiT (after `recode` when it ran) fine-tuned per `DriftRecipe`, same data and
+    augmentations, fresh seeds."""
     from dataclasses import replace
     data = torch.load(work / "data.pt")
     if tune.drift_prob > 0 and "drifted" not in data:
@@ -465,7 +523,7 @@ def train_drift(preset, work: Path, seed: int, recipe: DiTRecipe, tune: DriftRec
                          "(--stages data,drift,...)")
     r = replace(recipe, steps=tune.steps, lr=tune.lr, drift_prob=tune.drift_prob, roll_prob=tune.roll_prob,
                 roll_chunks=tune.roll_chunks)
-    return train_dit(preset, work, seed + 50, r, data=data, device=device, init=work / DIT_FILE,
+    return train_dit(preset, work, seed + 50, r, data=data, device=device, init=final_dit_file(work),
                      out_name=TUNED_FILE, name="drift", warmup=tune.warmup)
 
 
@@ -493,8 +551,8 @@ def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
 
 # ===================================================================================================== main
 
-STAGES = ("vae", "data", "dit", "drift", "hr", "pack")
-DEFAULT_STAGES = ("vae", "data", "dit", "hr", "pack")   # `drift` measured, not shipped (toyworld/README.md)
+STAGES = ("vae", "data", "dit", "recode", "drift", "hr", "pack")
+DEFAULT_STAGES = ("vae", "data", "dit", "recode", "hr", "pack")   # `drift` measured, not shipped (toyworld/README.md)
 
 
 def main(argv=None):
@@ -552,6 +610,10 @@ def main(argv=None):
         summary["dit"] = train_dit(preset, work, args.seed, recipe, device=device)
         logger.info("dit done in %.0fs: loss %.4f", summary["dit"]["wall_s"], summary["dit"]["final_loss"])
         (work / TUNED_FILE).unlink(missing_ok=True)      # made from the previous DiT
+        (work / "data_chunkwise.pt").unlink(missing_ok=True)
+    if "recode" in stages:
+        summary["recode"] = train_recode(preset, work, args.seed, recipe, RecodeRecipe(), device=device)
+        logger.info("recode done in %.0fs: loss %.4f", summary["recode"]["wall_s"], summary["recode"]["final_loss"])
     if "drift" in stages:
         tune = DriftRecipe(steps=args.drift_steps, lr=args.drift_lr, drift_prob=args.drift_prob,
                            roll_prob=args.roll_prob, roll_chunks=args.roll_chunks)

@@ -148,14 +148,14 @@ def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, cl
     from packcache.vae import VideoVAE
 
     from .common import cosine_lr, progress, save_curve
-    from .train import CaptionSampler, build_model
+    from .train import CaptionSampler, build_model, final_dit_file
     from .train_vae import load_vae
     torch.manual_seed(seed + 10)
-    data = torch.load(work / "data.pt")
+    chunkwise = work / "data_chunkwise.pt"      # the latents the final DiT trained on last (`recode` stage)
+    data = torch.load(chunkwise if chunkwise.exists() else work / "data.pt")
     clips = min(clips, data["latents"].shape[0])
     latents = data["latents"][:clips].float().to(device)
     model = build_model(preset, seed)
-    from .train import final_dit_file
     model.load_state_dict(torch.load(final_dit_file(work)))
     model.to(device).eval().requires_grad_(False)
     vae = VideoVAE(load_vae(preset, work, device=device), preset.vae)
