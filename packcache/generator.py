@@ -340,12 +340,23 @@ class GenerationSession:
         return torch.randn(shape, generator=self._rng).to(self.gen.device, self.gen.dtype)
 
     def _generate(self, decode: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        gen, model, cache, sampler = self.gen, self.gen.model, self.cache, self.gen.sampler
-        p = gen.preset
-        shape = (1, p.transformer.in_channels, p.cache.chunk_frames, p.latent_height, p.latent_width)
+        """One chunk in its three phases: denoise against the cache, commit its K/V, finish (decode, compress)."""
         prompt = self._prompt_for_chunk()
-        anchor = cache.begin_chunk()
-        reader = cache.reader()
+        anchor = self.cache.begin_chunk()
+        x0 = self._denoise(prompt, anchor)
+        slot = self._commit(x0, prompt, anchor)
+        pixels = self._finish(x0, slot, prompt, decode)
+        return x0, pixels
+
+    def _chunk_shape(self) -> tuple[int, ...]:
+        p = self.gen.preset
+        return (1, p.transformer.in_channels, p.cache.chunk_frames, p.latent_height, p.latent_width)
+
+    def _denoise(self, prompt: PromptContext, anchor: float) -> torch.Tensor:
+        """The sampler's steps against the cache (read-only); mid selection is fixed at the first step."""
+        gen, model, sampler = self.gen, self.gen.model, self.gen.sampler
+        shape = self._chunk_shape()
+        reader = self.cache.reader()
         x = self._noise(shape)
         x0 = x
         unconditional = gen.null_prompt() if sampler.guided else None
@@ -357,14 +368,25 @@ class GenerationSession:
             x0 = sampler.x0_from_velocity(x, v, sigma)
             if k + 1 < sampler.steps:
                 x = sampler.next_x(x, v, x0, k, lambda: self._noise(shape))
-        model.forward_chunk(x0, sampler.timestep(0.0, 1, gen.device), prompt, cache.committer(), anchor, head=False)
-        slot = cache.end_chunk(x0)
+        return x0
+
+    def _commit(self, x0: torch.Tensor, prompt: PromptContext, anchor: float) -> int | None:
+        """The t=0 pass that writes the chunk's K/V, then the partition update; returns the chunk's recent slot."""
+        gen = self.gen
+        gen.model.forward_chunk(x0, gen.sampler.timestep(0.0, 1, gen.device), prompt, self.cache.committer(), anchor,
+                                head=False)
+        return self.cache.end_chunk(x0)
+
+    def _finish(self, x0: torch.Tensor, slot: int | None, prompt: PromptContext, decode: bool) -> torch.Tensor | None:
+        """Streaming VAE decode and, for the packed cache, the chunk's compressed K/V backup (needed before the
+        next chunk's commit, which may move this chunk from recent to the mid bank)."""
+        gen, cache = self.gen, self.cache
         needs_pixels = cache.compresses and slot is not None and gen.compressor.needs_pixels
         pixels = self.decoder.decode(x0) if decode or needs_pixels else None
         if cache.compresses and slot is not None:
             tokens = gen.compressor(x0, gen.block_grid, pixels)
             self._encode_compressed(slot, tokens, prompt)
-        return x0, pixels
+        return pixels
 
     def _encode_compressed(self, slot: int, tokens: torch.Tensor, prompt: PromptContext | None = None) -> None:
         gen = self.gen
