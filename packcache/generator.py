@@ -195,6 +195,14 @@ class Generator:
             raise PresetError("a generator on the meta device is for sizing only (new_cache, parameters)")
         return GenerationSession(self, validate_prompt(prompt), int(seed), cache)
 
+    def next_chunks(self, sessions: list["GenerationSession"], decode: bool = True) -> list:
+        """Advance several sessions by one chunk each, batched: one model call per denoising step and one commit
+        pass for all of them (`packcache.batch`). Returns, per session, what its `next_chunk()` (or `advance()`
+        with decode=False) returns, or the exception it raised; one session's error never stops the others."""
+        from .batch import step_sessions
+
+        return step_sessions(self, sessions, decode)
+
     def warmup(self, prompt: str = "warm-up") -> float:
         """Generate one throwaway chunk so the first viewer never waits for allocation or kernel selection."""
         start = time.perf_counter()
@@ -269,33 +277,48 @@ class GenerationSession:
 
     @torch.no_grad()
     def _step(self, decode: bool):
+        start = time.perf_counter()
+        self._begin_step()
+        try:
+            latents, pixels = self._generate(decode)
+        except BaseException:
+            self._abort_step()
+            raise
+        self._end_step(latents, start)
+        if not decode:
+            return latents
+        return frames_to_uint8(pixels)[0]
+
+    def _begin_step(self) -> None:
+        """Mark a chunk in progress and apply a queued reset and prompt (shared with `packcache.batch`)."""
         with self._lock:
             if self._closed:
                 raise PackCacheError("session is closed")
             self._in_progress = True
             reset, self._pending_reset = self._pending_reset, None
             pending, self._pending = self._pending, None
-        start = time.perf_counter()
         try:
             if reset is not None:
                 self._drop_stream()
                 self._start_stream(reset)
             if pending is not None:
                 self._apply_prompt(pending)
-            latents, pixels = self._generate(decode)
-            with self._lock:   # one step, so set_prompt never sees the new index while still "in progress"
-                self.chunk_index += 1
-                self._in_progress = False
-        finally:
-            with self._lock:
-                self._in_progress = False
+        except BaseException:
+            self._abort_step()
+            raise
+
+    def _abort_step(self) -> None:
+        with self._lock:
+            self._in_progress = False
+
+    def _end_step(self, latents: torch.Tensor, start: float) -> None:
+        with self._lock:   # one step, so set_prompt never sees the new index while still "in progress"
+            self.chunk_index += 1
+            self._in_progress = False
         self._last_seconds = time.perf_counter() - start
         self._total_seconds += self._last_seconds
         t, stride = latents.shape[2], self.gen.preset.vae.temporal_stride
         self._frames += stride * t - (stride - 1 if self.chunk_index == 1 else 0)   # 9 then 12 frames for T=3
-        if not decode:
-            return latents
-        return frames_to_uint8(pixels)[0]
 
     def _apply_prompt(self, pending: dict) -> None:
         gen = self.gen

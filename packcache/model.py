@@ -30,7 +30,8 @@ class KVAccess(Protocol):
     """What one forward pass may do with the cache (the cache hands out one per pass kind)."""
 
     def context(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Keys (already rotated to their packed positions) and values of the context, (B, Nctx, H, D)."""
+        """Keys (already rotated to their packed positions) and values of the context, (B, Nctx, H, D); or, for a
+        batch of sessions whose contexts differ, an object whose `attend(q, k, v)` does the attention per row."""
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store this pass's keys (rotated at canonical positions) and values; no-op for read-only passes."""
@@ -91,6 +92,8 @@ class CausalSelfAttnProcessor:
             if plan.kv.writes:
                 k_canon = k_rot if plan.canon_cos is None else Rope3D.apply(k, plan.canon_cos, plan.canon_sin)
                 plan.kv.write(self.layer, k_canon, v)
+            if hasattr(ctx, "attend"):   # several sessions in one batch (packcache.batch): contexts per row
+                return attn.to_out[1](attn.to_out[0](ctx.attend(q_rot, k_rot, v).flatten(2, 3).type_as(q)))
             if ctx is not None:
                 k_rot = torch.cat([ctx[0].to(k_rot.dtype), k_rot], dim=1)
                 v = torch.cat([ctx[1].to(v.dtype), v], dim=1)

@@ -1,0 +1,279 @@
+"""Many sessions, one forward pass: N sessions' next chunks batched along the batch dimension.
+
+The packed cache gives every session the same shapes at every chunk, so the sessions of one generator can share
+each denoising step's model call and the commit pass. Per chunk (`Generator.next_chunks`):
+
+    1. per session: queued reset / prompt, the chunk's prompt (blends), cache.begin_chunk(), its own noise
+    2. per denoising step: ONE model call on the stacked chunks (with guidance: conditional rows then empty-prompt
+       rows, 2N rows); the sampler's update per session (its own noise generator, its own guidance)
+    3. ONE commit pass on the stacked clean latents, its K/V written row by row into each session's cache
+    4. per session: cache.end_chunk, then `_finish` (decode, compress) as when it runs alone
+
+What batches with what:
+  * Every row shares the linear layers, norms, FFN and cross-attention (per-row prompt K/V stacked: text is
+    zero-padded to the same length). Self-attention is grouped by context length: one call per group of rows whose
+    contexts have the same number of tokens (steady-state packed sessions: one group; a new session whose sink is
+    still filling: a group of its own). Grouping instead of padding keeps results exact: masked padding changes
+    the CPU attention kernel's rounding (~2e-7).
+  * Rows must sit at the same temporal positions (anchor). Bounded caches (packed, window) keep a constant anchor,
+    so all their sessions batch whatever their chunk counts; `full` cache sessions batch only with others at the
+    same chunk index (one model call per anchor group).
+  * Mid-block selection stays per session: each session's reader scores its own bank with its own conditional
+    queries at the first step, exactly as alone.
+
+Exactness: a session's frames are bit-identical to running it alone on CPU fp32 (tested). The patch embedding is run
+row by row on the CPU because oneDNN's 3-D convolution rounds differently at batch > 1 (~1e-6); the timestep
+embedding is computed once and broadcast. On CUDA no bit-identity is claimed (cuBLAS picks kernels by shape).
+
+Errors: a session that fails in its own phases (closed, reset, prompt, decode) gets its exception; if a batched
+model call fails, its sessions are retried alone from the same point (noise generator restored; bounded caches'
+writes go to fixed slots, so a retried commit overwrites a partial one), so only the session at fault gets the
+error. A `full` cache whose batched commit failed may hold a partial append and is not retried: it gets the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import PackCacheError
+from .model import AttnPlan, PromptContext
+from .rope import grid_positions
+from .vae import frames_to_uint8
+
+if TYPE_CHECKING:
+    from .generator import Generator, GenerationSession
+
+log = logging.getLogger(__name__)
+
+
+class RowContexts:
+    """The per-row self-attention contexts of one batched layer call; attention grouped by context length."""
+
+    def __init__(self, contexts: list[tuple[torch.Tensor, torch.Tensor] | None], rows: list[int]):
+        self.contexts = contexts    # one per session
+        self.rows = rows            # batch row -> session index (with guidance each session has two rows)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, N, H, D) of the current tokens -> attention output (B, N, H, D)."""
+        from .attention import attention
+
+        groups: dict[int, list[int]] = defaultdict(list)
+        for row, s in enumerate(self.rows):
+            ctx = self.contexts[s]
+            groups[0 if ctx is None else ctx[0].shape[1]].append(row)
+        out = None
+        for length, rows in groups.items():
+            idx = rows if len(rows) < q.shape[0] else slice(None)
+            qg, kg, vg = q[idx], k[idx], v[idx]
+            if length:
+                ck = torch.cat([self.contexts[self.rows[r]][0] for r in rows]).to(kg.dtype)
+                cv = torch.cat([self.contexts[self.rows[r]][1] for r in rows]).to(vg.dtype)
+                kg, vg = torch.cat([ck, kg], dim=1), torch.cat([cv, vg], dim=1)
+            res = attention(qg, kg, vg)
+            if len(groups) == 1:
+                return res
+            if out is None:
+                out = res.new_empty(q.shape)
+            out[rows] = res
+        return out
+
+
+class BatchedAccess:
+    """A KV access for a batch of sessions: N per-session accesses (readers or committers) behind one object.
+
+    Each session's context is gathered with its own conditional queries (row i), so its mid-block selection is its
+    own; the returned contexts are stacked per row by `RowContexts`. Writes are split per row.
+    """
+
+    def __init__(self, accesses: list, rows: list[int]):
+        self.accesses = accesses
+        self.rows = rows            # batch row -> session index; the first N rows are the sessions in order
+
+    @property
+    def writes(self) -> bool:
+        return all(a.writes for a in self.accesses)
+
+    def context(self, layer: int, q: torch.Tensor) -> RowContexts:
+        return RowContexts([a.context(layer, q[i:i + 1]) for i, a in enumerate(self.accesses)], self.rows)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for i, a in enumerate(self.accesses):
+            a.write(layer, k[i:i + 1], v[i:i + 1])
+
+
+class StackedPrompt(PromptContext):
+    """Per-row prompts as one cross-attention context: each prompt's K/V computed once (as alone), then stacked."""
+
+    def __init__(self, prompts: list[PromptContext]):
+        self.prompts = prompts
+        self.tokens = None
+        self._kv = [None] * len(prompts[0]._kv)
+
+    def kv(self, layer: int, attn) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._kv[layer]
+        if cached is None:
+            kvs = [p.kv(layer, attn) for p in self.prompts]
+            cached = self._kv[layer] = (torch.cat([k for k, _ in kvs]), torch.cat([v for _, v in kvs]))
+        return cached
+
+
+def batched_forward(gen: "Generator", latents: list[torch.Tensor], copies: int, timestep: torch.Tensor,
+                    prompt: PromptContext, kv: BatchedAccess, t_start: float, head: bool = True):
+    """`CausalWanModel.forward_chunk` for stacked sessions: `latents` one (1, C, T, H, W) per session, each repeated
+    `copies` times along the batch (guidance: 2); timestep (1,) is shared by every row."""
+    model = gen.model
+    grid = model.token_grid(*latents[0].shape[2:])
+    if gen.device.type == "cpu":   # row by row: oneDNN's conv3d rounds differently at batch > 1
+        x = torch.cat([model._patchify(x) for x in latents])
+    else:
+        x = model._patchify(torch.cat(latents))
+    if copies > 1:
+        x = torch.cat([x] * copies)
+    temb, proj = model._time(timestep.to(x.device), x[:1])        # (1, dim), (1, 6, dim): broadcast over rows
+    t_offsets = torch.arange(grid[0], dtype=torch.float64)
+    cos, sin = model.rope_for(("chunk", grid, float(t_start)), grid_positions(*grid, t_offsets + t_start), x.device)
+    ccos, csin = model.rope_for(("chunk", grid, 0.0), grid_positions(*grid, t_offsets), x.device)
+    x = model._blocks(x, prompt, proj, AttnPlan(cos=cos, sin=sin, kv=kv, canon_cos=ccos, canon_sin=csin))
+    return model._head(x, temb, grid) if head else None
+
+
+class _Row:
+    """One session's state through a batched step."""
+
+    __slots__ = ("index", "session", "prompt", "anchor", "rng_state", "x0", "slot", "result")
+
+    def __init__(self, index: int, session: "GenerationSession"):
+        self.index, self.session = index, session
+        self.prompt = self.anchor = self.rng_state = self.x0 = self.slot = None
+        self.result: object = None
+
+
+def _denoise(gen: "Generator", rows: list[_Row]) -> None:
+    """All rows' sampler steps, one model call per step (2N rows with guidance)."""
+    sampler = gen.sampler
+    n = len(rows)
+    shape = rows[0].session._chunk_shape()
+    xs = [r.session._noise(shape) for r in rows]
+    guided = sampler.guided
+    prompts = [r.prompt for r in rows] + ([gen.null_prompt()] * n if guided else [])
+    stacked = StackedPrompt(prompts)
+    access = BatchedAccess([r.session.cache.reader() for r in rows], list(range(n)) * (2 if guided else 1))
+    x0s = xs
+    for k, sigma in enumerate(sampler.sigmas):
+        t = sampler.timestep(sigma, 1, gen.device)
+        out = batched_forward(gen, xs, 2 if guided else 1, t, stacked, access, rows[0].anchor)
+        x0s, nxt = [], []
+        for i, r in enumerate(rows):
+            v = out[i:i + 1]
+            if guided:
+                v = sampler.guide(v, out[n + i:n + i + 1])
+            x0 = sampler.x0_from_velocity(xs[i], v, sigma)
+            x0s.append(x0)
+            if k + 1 < sampler.steps:
+                nxt.append(sampler.next_x(xs[i], v, x0, k, lambda s=r.session: s._noise(shape)))
+        xs = nxt
+    for r, x0 in zip(rows, x0s):
+        r.x0 = x0
+
+
+def _commit(gen: "Generator", rows: list[_Row]) -> None:
+    """One t=0 pass writing every row's K/V into its own cache, then each cache's partition update."""
+    access = BatchedAccess([r.session.cache.committer() for r in rows], list(range(len(rows))))
+    batched_forward(gen, [r.x0 for r in rows], 1, gen.sampler.timestep(0.0, 1, gen.device),
+                    StackedPrompt([r.prompt for r in rows]), access, rows[0].anchor, head=False)
+
+
+def _run_group(gen: "Generator", rows: list[_Row]) -> None:
+    """Denoise and commit one anchor group; a failed batched call falls back to each row alone."""
+    try:
+        _denoise(gen, rows)
+    except Exception as exc:  # noqa: BLE001 - find the session at fault: each one again, alone
+        if len(rows) == 1:
+            rows[0].result = exc
+            return
+        log.warning("batched denoise of %d sessions failed (%r); retrying them one by one", len(rows), exc)
+        for r in rows:
+            r.session._rng.set_state(r.rng_state)
+            try:
+                r.x0 = r.session._denoise(r.prompt, r.anchor)
+            except Exception as e:  # noqa: BLE001
+                r.result = e
+    rows = [r for r in rows if r.result is None]
+    if not rows:
+        return
+    try:
+        _commit(gen, rows)
+    except Exception as exc:  # noqa: BLE001
+        if len(rows) == 1:
+            rows[0].result = exc
+            return
+        log.warning("batched commit of %d sessions failed (%r); retrying them one by one", len(rows), exc)
+        for r in rows:
+            if r.session.cache.kind == "full":
+                r.result = PackCacheError(f"batched commit failed and a full-history cache cannot retry it: {exc}")
+                continue
+            try:
+                gen.model.forward_chunk(r.x0, gen.sampler.timestep(0.0, 1, gen.device), r.prompt,
+                                        r.session.cache.committer(), r.anchor, head=False)
+            except Exception as e:  # noqa: BLE001
+                r.result = e
+
+
+@torch.no_grad()
+def step_sessions(gen: "Generator", sessions: list["GenerationSession"], decode: bool = True) -> list:
+    """One chunk for each session, batched. Returns per session its frames (uint8 (T, H, W, 3)), or its clean
+    latents with decode=False, or the exception that session raised."""
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise PackCacheError("a session appears twice in one batch")
+    for s in sessions:
+        if s.gen is not gen:
+            raise PackCacheError("every session of a batch must come from this generator")
+    start = time.perf_counter()
+    rows = [_Row(i, s) for i, s in enumerate(sessions)]
+    live: list[_Row] = []
+    try:
+        for r in rows:
+            s = r.session
+            try:
+                s._begin_step()
+            except Exception as exc:  # noqa: BLE001 - closed, bad reset or prompt: this session only
+                r.result = exc
+                continue
+            try:
+                r.prompt = s._prompt_for_chunk()
+                r.anchor = s.cache.begin_chunk()
+                r.rng_state = s._rng.get_state()
+                live.append(r)
+            except Exception as exc:  # noqa: BLE001
+                s._abort_step()
+                r.result = exc
+        groups: dict[float, list[_Row]] = defaultdict(list)
+        for r in live:
+            groups[r.anchor].append(r)
+        for group in groups.values():
+            _run_group(gen, group)
+        for r in live:
+            s = r.session
+            if r.result is not None:
+                s._rng.set_state(r.rng_state)   # a failed chunk leaves the noise stream where it was
+                s._abort_step()
+                continue
+            try:
+                r.slot = s.cache.end_chunk(r.x0)
+                pixels = s._finish(r.x0, r.slot, r.prompt, decode)
+            except Exception as exc:  # noqa: BLE001
+                s._abort_step()
+                r.result = exc
+                continue
+            s._end_step(r.x0, start)
+            r.result = frames_to_uint8(pixels)[0] if decode else r.x0
+    except BaseException:
+        for r in live:
+            r.session._abort_step()
+        raise
+    return [r.result for r in rows]
