@@ -32,6 +32,15 @@ def _default_preset() -> str:
     return "toy" if "toy" in PRESETS else "tiny"
 
 
+def _sessions_arg(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from streamer.config import DEFAULT_PROMPT, ServerConfig
     from streamer.protocol import Limits
@@ -61,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads for generation (default: cores - 1, at least 1; 0: torch's default)")
     g.add_argument("--cache", default=d.cache, choices=["packed", "window", "full"], help="KV cache policy")
     g = p.add_argument_group("sessions")
-    g.add_argument("--max-sessions", type=int, default=d.max_sessions,
-                   help="concurrent sessions; one more client gets 'busy'")
+    g.add_argument("--max-sessions", type=_sessions_arg, default=d.max_sessions,
+                   help="concurrent sessions; one more client gets 'busy'. 'auto': as many as the device memory "
+                        "holds (one session's cache + activations, measured at startup and logged)")
+    g.add_argument("--max-batch", type=int, default=None,
+                   help="most sessions advanced together in one batched device step (default: every session "
+                        "whose next chunk is due; 1: one session at a time)")
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt a new session starts with")
     g.add_argument("--seed", type=int, default=d.default_seed, help="seed a new session starts with")
     g.add_argument("--chunks-ahead", type=int, default=d.chunks_ahead,
@@ -89,7 +102,7 @@ def config_from_args(args):
     from streamer.protocol import Limits
 
     return ServerConfig(
-        host=args.host, port=args.port, max_sessions=args.max_sessions, token=args.token,
+        host=args.host, port=args.port, max_sessions=args.max_sessions, max_batch=args.max_batch, token=args.token,
         allowed_origins=tuple(args.allowed_origin), default_prompt=args.prompt, default_seed=args.seed,
         cache=args.cache, cpu_threads=args.cpu_threads, chunks_ahead=args.chunks_ahead,
         ping_interval=args.ping_interval,

@@ -34,8 +34,10 @@ error. A `full` cache whose batched commit failed may hold a partial append and 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -277,3 +279,88 @@ def step_sessions(gen: "Generator", sessions: list["GenerationSession"], decode:
             r.session._abort_step()
         raise
     return [r.result for r in rows]
+
+
+# ---- admission: how many sessions fit in the device's memory ----------------------------------------------------
+@dataclass
+class SessionFootprint:
+    """Device memory one more session needs: its cache (allocated when it opens) and its rows' activations and
+    decoder state in a batched step. `measured`: activations read off the CUDA allocator (else estimated)."""
+
+    cache_bytes: int
+    activation_bytes: int
+    measured: bool
+
+    @property
+    def total(self) -> int:
+        return self.cache_bytes + self.activation_bytes
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Memory the device can still give: CUDA free + cached-but-unused; CPU MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def session_footprint(gen: "Generator", cache: str = "packed") -> SessionFootprint:
+    """One session's device memory. The cache is read off a real cache's buffers; on CUDA the activations are the
+    growth of the peak between a batched step of one session and of two (which also counts the second session's
+    decoder state); on the CPU they are estimated from the shapes (largest live tensors of one layer, x2 margin)."""
+    if cache == "full":
+        raise PackCacheError("a full-history cache grows without bound: size admission with a packed or window cache")
+    if gen.device.type == "cuda":
+        return _measured_footprint(gen, cache)
+    with gen.open("footprint", cache=cache) as s:
+        cache_bytes = s.cache.stats().kv_bytes
+        context = s.cache.max_context if hasattr(s.cache, "max_context") else 0
+    cfg = gen.preset.transformer
+    n = gen.cache_geometry().chunk_tokens
+    item = torch.empty((), dtype=gen.dtype).element_size()
+    rows = 2 if gen.sampler.guided else 1
+    per_layer = (n * (12 * cfg.dim + 2 * cfg.ffn_dim) + 4 * (context + n) * cfg.dim) * item
+    scores = cfg.num_attention_heads * n * (context + n) * 4      # a math-kernel attention's score matrix, fp32
+    return SessionFootprint(cache_bytes, 2 * rows * (per_layer + scores), measured=False)
+
+
+def _measured_footprint(gen: "Generator", cache: str) -> SessionFootprint:
+    dev = gen.device
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    a = gen.open("footprint a", cache=cache)
+    b = gen.open("footprint b", seed=1, cache=cache)
+    try:
+        cache_bytes = (torch.cuda.memory_allocated(dev) - before) // 2
+        gen.next_chunks([a, b])                       # both decoders hold their state from here on
+        peaks = []
+        for batch in ([a], [a, b]):
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            for r in gen.next_chunks(batch):
+                if isinstance(r, BaseException):
+                    raise r
+            torch.cuda.synchronize(dev)
+            peaks.append(torch.cuda.max_memory_allocated(dev) - base)
+    finally:
+        a.close()
+        b.close()
+    return SessionFootprint(int(cache_bytes), int(max(0, peaks[1] - peaks[0])), measured=True)
+
+
+def max_sessions_for_memory(gen: "Generator", cache: str = "packed", reserve: float = 0.1,
+                            limit: int = 256) -> tuple[int, SessionFootprint, int]:
+    """How many sessions fit in the free device memory (keeping `reserve` of it free), at least 1, at most
+    `limit`. Returns (sessions, one session's footprint, free bytes)."""
+    fp = session_footprint(gen, cache)
+    free = free_device_bytes(gen.device)
+    n = int(free * (1 - reserve) // max(1, fp.total))
+    return max(1, min(limit, n)), fp, free

@@ -16,7 +16,11 @@ DEFAULT_PROMPT = "a red circle bouncing on a striped blue background"
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080                      # 0 picks a free port (tests); `StreamServer.port` tells which
-    max_sessions: int = 4                 # concurrent generation sessions; one more gets "busy"
+    max_sessions: int | None = 4          # concurrent generation sessions; one more gets "busy". None ("auto"):
+                                          #   as many as the device memory left after warm-up holds (StreamServer)
+    # Most sessions advanced by one batched device step (one model call per denoising step for all of them);
+    # None: every session whose next chunk is due. Smaller batches: lower chunk latency, less throughput.
+    max_batch: int | None = None
     token: str | None = None              # when set, clients must send it (?token= or Authorization: Bearer)
     # Origins allowed to open the websocket. Empty: only same-origin pages (Origin's host == Host header) and
     # clients that send no Origin (scripts). "*" allows any origin.
@@ -49,8 +53,12 @@ class ServerConfig:
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if self.max_sessions < 1:
-            raise ValueError(f"max_sessions must be at least 1, got {self.max_sessions}")
+        if self.max_sessions is not None and self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1 (or auto), got {self.max_sessions}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.max_sessions is None and self.cache == "full":
+            raise ValueError("max_sessions auto needs a bounded cache (packed or window): a full cache keeps growing")
         if self.chunks_ahead < 1:
             raise ValueError(f"chunks_ahead must be at least 1, got {self.chunks_ahead}")
         if self.cache not in ("packed", "window", "full"):

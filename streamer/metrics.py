@@ -141,8 +141,11 @@ class ServerMetrics:
 
     CHUNK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 
+    BATCH_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0)
+
     def __init__(self, sessions: Callable[[], float], ready: Callable[[], float], rtf: Callable[[], float],
-                 loop_lag: Callable[[], float]):
+                 loop_lag: Callable[[], float], batch_size: Callable[[], float] = lambda: 0.0,
+                 max_sessions: Callable[[], float] = lambda: 0.0):
         r = self.registry = Registry()
         r.gauge("streamer_ready", "1 once the model is loaded and warmed up", fn=ready)
         r.gauge("streamer_sessions", "live generation sessions", fn=sessions)
@@ -160,6 +163,14 @@ class ServerMetrics:
         r.gauge("streamer_realtime_factor",
                 "video seconds generated per second of device time, over recent chunks of all sessions", fn=rtf)
         r.gauge("streamer_event_loop_lag_seconds", "worst event loop lateness over the last 10 s", fn=loop_lag)
+        r.gauge("streamer_max_sessions", "admission limit (with --max-sessions auto: sized from device memory)",
+                fn=max_sessions)
+        r.gauge("streamer_batch_size", "sessions advanced by the latest batched device step", fn=batch_size)
+        self.batch_sessions = r.histogram(
+            "streamer_batch_sessions", "sessions per batched device step (one model call per denoising step for all)",
+            self.BATCH_BUCKETS)
+        self.batch_seconds = r.histogram(
+            "streamer_batch_seconds", "device time of one batched step (all its sessions' chunks)", self.CHUNK_BUCKETS)
 
     def render(self) -> str:
         return self.registry.render()

@@ -66,7 +66,9 @@ class StreamServer:
         self.stopping: set[str] = set()                    # sessions being freed (slot already released)
         self.worker: DeviceWorker | None = None
         self.metrics = ServerMetrics(sessions=lambda: len(self.clients), ready=lambda: float(self.ready),
-                                     rtf=self.realtime_factor, loop_lag=self.loop_lag)
+                                     rtf=self.realtime_factor, loop_lag=self.loop_lag,
+                                     batch_size=lambda: self.worker.last_batch_size if self.worker else 0,
+                                     max_sessions=lambda: self.config.max_sessions or 0)
         self._ws_server = None
         self._background: set[asyncio.Task] = set()
         self._lag: deque[tuple[float, float]] = deque()
@@ -83,7 +85,18 @@ class StreamServer:
 
     async def listen(self) -> None:
         cfg = self.config
-        self.worker = DeviceWorker(str(getattr(self.generator, "device", "device")), init=self._init_worker)
+        loop = asyncio.get_running_loop()
+
+        def on_batch(size: int, seconds: float) -> None:     # worker thread: metrics live on the loop
+            def observe():
+                self.metrics.batch_sessions.observe(size)
+                self.metrics.batch_seconds.observe(seconds)
+            try:
+                loop.call_soon_threadsafe(observe)
+            except RuntimeError:                              # loop closed: shutting down
+                pass
+        self.worker = DeviceWorker(str(getattr(self.generator, "device", "device")), init=self._init_worker,
+                                   max_batch=cfg.max_batch, on_batch=on_batch)
         self._ws_server = await serve(
             self._handle, cfg.host, cfg.port, process_request=self._http,
             max_size=cfg.limits.hard_max_message_bytes, ping_interval=cfg.ping_interval,
@@ -108,9 +121,24 @@ class StreamServer:
 
     async def warm_up(self) -> float:
         seconds = await self.worker.run("server", self.generator.warmup, urgent=True)
+        if self.config.max_sessions is None:
+            await self._size_admission()
         self.ready = True
         log.info("model %s warm (%.2f s); ready", self.generator.preset.name, seconds)
         return seconds
+
+    async def _size_admission(self) -> None:
+        """--max-sessions auto: as many sessions as the free device memory holds, from one session's measured
+        cache and activations (packcache.batch.max_sessions_for_memory)."""
+        from packcache.batch import max_sessions_for_memory
+
+        gen, cache = self.generator, self.config.cache
+        n, fp, free = await self.worker.run("server", lambda: max_sessions_for_memory(gen, cache), urgent=True)
+        self.config.max_sessions = n
+        mib = 1 << 20
+        log.info("max sessions auto: %d (one session: %.1f MiB = cache %.1f MiB + activations %.1f MiB %s; "
+                 "%.0f MiB free on %s, 10%% kept in reserve)", n, fp.total / mib, fp.cache_bytes / mib,
+                 fp.activation_bytes / mib, "measured" if fp.measured else "estimated", free / mib, gen.device)
 
     async def close(self) -> None:
         """Tell every client, close peer connections and sessions, stop the worker. Idempotent."""

@@ -1,6 +1,7 @@
 """One client's generation: drives an engine `GenerationSession` into a bounded frame buffer.
 
-The producer task asks the device worker for one chunk at a time, and only while fewer than `chunks_ahead`
+The producer task asks the device worker for one chunk at a time (the worker batches the chunks of all sessions that
+are due into one engine step: `generate_chunks`), and only while fewer than `chunks_ahead`
 chunks wait in the buffer: generation runs at most that far ahead of playback and memory never grows. The
 track pops frames from the buffer at 16 FPS; when the buffer is empty it gets the last frame again (underrun).
 
@@ -33,6 +34,16 @@ def _percentile(values, q: float) -> float | None:
     k = (len(s) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def generate_chunks(sessions: list) -> list:
+    """Worker side of the due sessions' chunk jobs: one batched engine step (`Generator.next_chunks`), then each
+    session's stats. Per session: (frames, stats, device seconds) or its exception. The device seconds are the
+    step's time divided among its sessions, so summed over sessions they are the device time actually spent."""
+    t = time.monotonic()
+    results = sessions[0].gen.next_chunks(sessions)
+    share = (time.monotonic() - t) / len(sessions)
+    return [r if isinstance(r, BaseException) else (r, gs.stats(), share) for r, gs in zip(results, sessions)]
 
 
 class _Signal:
@@ -190,20 +201,13 @@ class StreamSession:
 
     async def _produce(self) -> None:
         gs = self._gs
-
-        def generate():                      # runs on the device worker thread
-            t = time.monotonic()
-            frames = gs.next_chunk()
-            seconds = time.monotonic() - t
-            return frames, gs.stats(), seconds
-
         try:
             while not self.closed:
                 await self._changed.wait_for(self._room)
                 if self.closed:
                     return
                 epoch, submitted = self._epoch, time.monotonic()
-                frames, info, seconds = await self._worker.run(self, generate)
+                frames, info, seconds = await self._worker.run_batched(self, generate_chunks, gs)
                 if epoch != self._epoch or self.closed:
                     continue                 # a reset happened meanwhile: this chunk belongs to the old stream
                 latency = time.monotonic() - submitted
