@@ -4,6 +4,7 @@ Public face:
     Generator.from_preset(name, device=..., dtype=...) / Generator.from_pretrained(model_dir, checkpoint=None)
     gen.open(prompt, seed=0, cache="packed") -> GenerationSession
     session.next_chunk() -> uint8 (T, H, W, 3); session.set_prompt(text, transition=...); session.stats(); close()
+    gen.next_chunks([session, ...]) -> per session its frames or its error (sessions batched in one forward pass)
 """
 
 from .errors import PackCacheError, PresetError, PromptError, WeightsError

@@ -1,0 +1,30 @@
+"""The sessions benchmark script itself at the tiny preset on the CPU: a batched and a serial row per session
+count, in the JSON fields the issue names, and a PNG."""
+
+import json
+
+import pytest
+
+from bench.sessions import main
+
+
+def test_sessions_bench_writes_rows_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "rows.json", tmp_path / "plot.png"
+    assert main(["--preset", "tiny", "--sessions", "1,2", "--rounds", "1", "--warm", "0", "--threads", "1",
+                 "--json", str(out), "--plot", str(png)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["sessions"], r["mode"]) for r in rows] == [(1, "batched"), (1, "serial"), (2, "batched"),
+                                                          (2, "serial")]
+    for r in rows:
+        assert {"device", "preset", "sessions", "mode", "aggregate_fps", "per_session_fps", "p50_s",
+                "p95_s"} <= set(r)
+        assert r["device"] == "cpu" and r["preset"] == "tiny"
+        assert r["aggregate_fps"] >= r["per_session_fps"] > 0 and r["p95_s"] >= r["p50_s"] > 0
+        assert r["chunks"] == r["sessions"]
+    assert png.stat().st_size > 0 and "batched/serial" in capsys.readouterr().out
+
+
+def test_sessions_bench_refuses_bad_arguments():
+    with pytest.raises(SystemExit) as e:
+        main(["--sessions", "0,2"])
+    assert e.value.code == 2
