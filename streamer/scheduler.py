@@ -63,7 +63,8 @@ class DeviceWorker:
         self.max_batch = max_batch
         self.linger = linger
         self._on_batch = on_batch
-        self._returning: set = set()     # owners of the last batch: they are expected back at once
+        self._returning: set[int] = set()   # id() of the last batch's owners (expected back at once); ids, so
+                                            # the worker keeps no session alive
         self.last_batch_size = 0
         self.batches_done = 0
         self._cv = threading.Condition()
@@ -178,7 +179,7 @@ class DeviceWorker:
         cap = self.max_batch or 1 << 30
         deadline = time.monotonic() + self.linger
         while not self._closed and not self._urgent and self._ring:
-            due = set(self._batch_owners(head.batch_fn))
+            due = {id(o) for o in self._batch_owners(head.batch_fn)}
             if len(due) >= cap or self._returning <= due:
                 break
             left = deadline - time.monotonic()
@@ -232,7 +233,7 @@ class DeviceWorker:
             self.busy_seconds += finished - jobs[0].started
             self.jobs_done += len(jobs)
             if batch_fn is not None:
-                self._returning = {job.owner for job in jobs}
+                self._returning = {id(job.owner) for job in jobs}
                 self.last_batch_size = len(jobs)
                 self.batches_done += 1
         if batch_fn is not None and self._on_batch is not None:
