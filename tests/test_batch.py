@@ -161,3 +161,16 @@ def test_a_session_twice_in_one_batch_is_refused(gen):
     with gen.open("a red circle") as s:
         with pytest.raises(PackCacheError):
             gen.next_chunks([s, s])
+
+
+def test_session_footprint_for_admission(gen):
+    from packcache.batch import max_sessions_for_memory, session_footprint
+
+    fp = session_footprint(gen, "packed")
+    with gen.open("a red circle") as s:
+        assert fp.cache_bytes == s.stats()["kv_bytes"] > 0
+    assert fp.activation_bytes > 0 and not fp.measured            # estimated on the CPU
+    n, fp2, free = max_sessions_for_memory(gen, "packed", limit=10**9)
+    assert n == max(1, int(free * 0.9 // fp2.total))
+    with pytest.raises(PackCacheError, match="bound"):
+        session_footprint(gen, "full")

@@ -38,3 +38,17 @@ async def test_two_viewers_share_batched_steps_and_auto_admission(tiny_generator
         assert steps >= 1 and sessions > steps          # some device steps advanced both viewers at once
         assert metric(text, 'streamer_batch_sessions_bucket{le="1"}') < steps
         assert 1 <= metric(text, "streamer_batch_size") <= 2
+
+
+def test_cli_max_sessions_auto_and_max_batch():
+    from run_server import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--max-sessions", "auto", "--max-batch", "3"]))
+    assert cfg.max_sessions is None and cfg.max_batch == 3
+    cfg = config_from_args(build_parser().parse_args(["--max-sessions", "5"]))
+    assert cfg.max_sessions == 5 and cfg.max_batch is None
+    import pytest
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--max-sessions", "lots"])
+    with pytest.raises(ValueError, match="bounded cache"):
+        config_from_args(build_parser().parse_args(["--max-sessions", "auto", "--cache", "full"]))
