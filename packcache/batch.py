@@ -184,7 +184,7 @@ def _denoise(gen: "Generator", rows: list[_Row]) -> None:
 
 
 def _commit(gen: "Generator", rows: list[_Row]) -> None:
-    """One t=0 pass writing every row's K/V into its own cache, then each cache's partition update."""
+    """One t=0 pass writing every row's K/V into its own cache (the partition updates follow per session)."""
     access = BatchedAccess([r.session.cache.committer() for r in rows], list(range(len(rows))))
     batched_forward(gen, [r.x0 for r in rows], 1, gen.sampler.timestep(0.0, 1, gen.device),
                     StackedPrompt([r.prompt for r in rows]), access, rows[0].anchor, head=False)
