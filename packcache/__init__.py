@@ -13,7 +13,8 @@ from .presets import PRESETS, Preset, get_preset
 __all__ = [
     "Generator", "GenerationSession", "PRESETS", "Preset", "get_preset",
     "PackCacheError", "PresetError", "PromptError", "WeightsError",
-    "SnapshotError", "SnapshotInfo", "snapshot_info", "snapshot_tensors",
+    "SnapshotError", "SnapshotInfo", "snapshot_info", "snapshot_tensors", "restore_with_extra",
+    "SNAPSHOT_SUFFIX",
 ]
 
 
@@ -21,7 +22,8 @@ def __getattr__(name):  # lazy: importing the package must stay cheap (no torch 
     if name in ("Generator", "GenerationSession"):
         from . import generator
         return getattr(generator, name)
-    if name in ("SnapshotInfo", "snapshot_info", "snapshot_tensors"):
+    if name in ("SnapshotInfo", "snapshot_info", "snapshot_tensors", "restore_with_extra",
+    "SNAPSHOT_SUFFIX", "SNAPSHOT_SUFFIX"):
         from . import snapshot
-        return getattr(snapshot, name)
+        return snapshot.SUFFIX if name == "SNAPSHOT_SUFFIX" else getattr(snapshot, name)
     raise AttributeError(name)

@@ -269,6 +269,12 @@ def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def restore_session(gen: "Generator", path: str | Path) -> "GenerationSession":
     """A new session of `gen` continuing the snapshot at `path` (see `Generator.restore`)."""
+    return restore_with_extra(gen, path)[0]
+
+
+def restore_with_extra(gen: "Generator", path: str | Path
+                       ) -> tuple["GenerationSession", SnapshotInfo, dict[str, torch.Tensor]]:
+    """`restore_session` plus the snapshot's header and the `extra_tensors` it was written with (one read)."""
     from .generator import GenerationSession
 
     path = Path(path)
@@ -294,7 +300,8 @@ def restore_session(gen: "Generator", path: str | Path) -> "GenerationSession":
         session.close()
         raise SnapshotError(f"{path.name} does not fit this generator's session state "
                             f"({type(exc).__name__}: {exc})") from None
-    return session
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return session, _info(path, meta), extra
 
 
 def assign(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
