@@ -76,8 +76,6 @@ def write_snapshot(session: "GenerationSession", path: str | Path, extra: dict |
 
     `extra` (JSON-able) and `extra_tensors` are stored beside the state for the caller (`snapshot_info`,
     `snapshot_tensors`); the engine ignores them on restore."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     state = session.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -95,6 +93,14 @@ def write_snapshot(session: "GenerationSession", path: str | Path, extra: dict |
         "summary": json.dumps(summary),
         "extra": json.dumps(extra or {}),
     }
+    write_file(path, tensors, metadata)
+    return _info(path, metadata)
+
+
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomic write: a crash leaves the old file or the new one, never half of one (fsync, then rename)."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
@@ -106,7 +112,6 @@ def write_snapshot(session: "GenerationSession", path: str | Path, extra: dict |
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise SnapshotError(f"cannot write snapshot {path}: {exc.strerror or exc}") from None
-    return _info(path, metadata)
 
 
 def _to_cpu(t: torch.Tensor, storages: set[int]) -> torch.Tensor:
