@@ -115,11 +115,13 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
 
 
 def _to_cpu(t: torch.Tensor, storages: set[int]) -> torch.Tensor:
-    """A contiguous CPU tensor that shares storage with no tensor already collected (safetensors refuses that)."""
+    """A contiguous CPU tensor that shares storage with no tensor already collected (safetensors refuses that).
+
+    A CPU buffer is handed to the writer as it is, not copied: the write runs between chunks, on the thread that
+    generates, so nothing changes it meanwhile."""
     out = t.detach().to("cpu").contiguous()
     if out.numel():
-        ptr = out.untyped_storage().data_ptr()
-        if ptr in storages or out is t:      # `t` itself is live state: never hand the writer a buffer in use
+        if out.untyped_storage().data_ptr() in storages:
             out = out.clone()
         storages.add(out.untyped_storage().data_ptr())
     return out

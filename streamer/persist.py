@@ -12,6 +12,7 @@ cannot be restored (unreadable, another model, over --max-sessions); a new shutd
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -150,6 +151,9 @@ class SessionStore:
         client._expiry = server._spawn(self._expire(client, cfg.reconnect_grace))
 
     async def _expire(self, client: "ClientConnection", grace: float) -> None:
-        await client._expire(grace)
-        if client._stopped:                  # not resumed in time: the session is gone, and so is its file
+        """ClientConnection._expire, and the file goes first (a shutdown may cancel this while the session stops)."""
+        await asyncio.sleep(grace)
+        if client.detached_at is not None:
+            log.info("session %s: no resume within %g s; ending it", client.sid, grace)
             self.discard(client.sid)
+            await client.stop()

@@ -180,7 +180,7 @@ def test_restored_session_expires_and_its_file_goes(tiny_generator, tmp_path):
     from streamer.server import BackgroundServer
 
     state = tmp_path / "state"
-    config = ServerConfig(port=0, reconnect_grace=1.0, record_dir=None, state_dir=str(state))
+    config = ServerConfig(port=0, reconnect_grace=3.0, record_dir=None, state_dir=str(state))
     with BackgroundServer(config, tiny_generator) as bg:
         async def watch_then_stop():
             c = StreamClient(bg.server.ws_url)
