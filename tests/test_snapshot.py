@@ -161,7 +161,7 @@ def test_newer_format_version(tiny_generator, good, tmp_path):
 
 def test_other_preset_config_weights_or_dtype(tiny_generator, good, tmp_path):
     from packcache import Generator
-    ident = json.loads(snapshot_info(good).identity and json.dumps(snapshot_info(good).identity))
+    ident = snapshot_info(good).identity
     bad = _rewrite(good, tmp_path / "p.snapshot.safetensors", identity=json.dumps({**ident, "preset": "toy"}))
     _expect(tiny_generator, bad, "preset 'toy'")
     other_config = Generator.from_preset("tiny", device="cpu", compression="pool")
