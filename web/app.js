@@ -21,7 +21,7 @@ const READABLE = {
 const viewer = {
   ws: null, pc: null, welcome: null, stats: null,
   wanted: false,          // the user asked to be connected (drives automatic reconnect)
-  attempt: 0, retryTimer: null,
+  attempt: 0, retryTimer: null, quickRetries: 0,
   ids: 0, pending: new Map(),
   paused: false, serverRecording: false,
   recorder: null, recChunks: [], recStart: 0, recTimer: null,
@@ -126,9 +126,16 @@ function connect() {
   };
 }
 
+// While the server restarts (it saves our session with --state-dir), retry about every second instead of backing
+// off, so the stream is back within ~1 s of the new server being ready; after ~2 minutes, back off as usual.
+const RESTART_CODES = new Set(["shutting_down", "starting", "lost"]);
+const QUICK_RETRIES = 120;
+
 function scheduleReconnect(code) {
-  const delay = BACKOFF_S[Math.min(viewer.attempt, BACKOFF_S.length - 1)] * (0.8 + 0.4 * Math.random());
-  viewer.attempt++;
+  const quick = loadResume() && RESTART_CODES.has(code) && viewer.quickRetries < QUICK_RETRIES;
+  const delay = quick ? 1 : BACKOFF_S[Math.min(viewer.attempt, BACKOFF_S.length - 1)] * (0.8 + 0.4 * Math.random());
+  if (quick) viewer.quickRetries++;
+  else viewer.attempt++;
   setStatus("reconnecting", "bad");
   let left = Math.ceil(delay);
   const base = READABLE[code] || "The session ended.";
@@ -189,7 +196,7 @@ async function startVideo() {
   pc.onconnectionstatechange = () => {
     log("media " + pc.connectionState);
     if (pc !== viewer.pc) return;
-    if (pc.connectionState === "connected") { setStatus("live", "live"); viewer.attempt = 0; say(""); }
+    if (pc.connectionState === "connected") { setStatus("live", "live"); viewer.attempt = 0; viewer.quickRetries = 0; say(""); }
     if (pc.connectionState === "failed") { say(READABLE.connection_failed); viewer.ws && viewer.ws.close(); }
   };
   await pc.setLocalDescription(await pc.createOffer());
