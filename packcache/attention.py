@@ -122,11 +122,13 @@ def choose_backend(device: torch.device | str, dtype: torch.dtype, prefer: str =
         raise ValueError(f"unknown attention backend {prefer!r}; choose auto or one of {', '.join(BACKENDS)}")
     order = candidates(device, dtype)
     if prefer != "auto":
-        order = [prefer] + [b for b in order if b != prefer]
+        if prefer in order:
+            order = [prefer] + [b for b in order if b != prefer]
+        else:
+            log.warning("attention backend %s is not available on %s (%s); choosing among %s", prefer,
+                        torch.device(device), "package not installed" if prefer in ("fa3", "flash") else
+                        "needs a Hopper-class GPU", ", ".join(order))
     for backend in order:
-        if backend == "fa3" and _fa3_func is None or backend == "flash" and _flash_attn_func is None:
-            log.warning("attention backend %s requested but its package is not installed", backend)
-            continue
         why = probe(backend, device, dtype)
         if why is None:
             return backend

@@ -270,6 +270,7 @@ class GenerationSession:
         self._total_seconds = 0.0
         self._frames = 0
         self._finishing: concurrent.futures.Future | None = None    # the previous chunk's finish
+        self._finish_failed: str | None = None                       # set when one failed: only a reset goes on
         self.clock = StageClock(gen.device)
         self._start_stream(seed)
         self._text = gen.encode_prompt(prompt)
@@ -327,9 +328,12 @@ class GenerationSession:
             pending, self._pending = self._pending, None
         start = time.perf_counter()
         try:
+            if self._finish_failed is not None and reset is None:
+                raise PackCacheError(f"the previous chunk failed to finish ({self._finish_failed}); reset the stream")
             if reset is not None or pending is not None:
                 self._wait_finish(failed_ok=reset is not None)   # a reset drops, a recache rewrites, its buffers
             if reset is not None:
+                self._finish_failed = None
                 self._drop_stream()
                 self._start_stream(reset)
             if pending is not None:
@@ -377,6 +381,7 @@ class GenerationSession:
         try:
             future.result()
         except Exception as exc:
+            self._finish_failed = str(exc) or type(exc).__name__
             if not failed_ok:
                 raise PackCacheError(f"the previous chunk failed to finish ({exc}); reset the stream") from exc
 
