@@ -90,3 +90,13 @@ def compile_generator(gen, config: CompileConfig = CompileConfig()) -> dict:
     seconds = time.perf_counter() - start
     log.info("compiled and warm in %.1f s (steady chunk %.3f s)", seconds, times[-1])
     return {"seconds": seconds, "chunks": chunks, "first_chunk_s": times[0], "steady_chunk_s": times[-1]}
+
+
+def uncompile_generator(gen) -> None:
+    """Back to eager code (after a compile failure)."""
+    for block in gen.model.transformer.blocks:
+        block._compiled_call_impl = None
+    dec = gen.frame_decoder
+    if hasattr(dec, "run") and hasattr(dec, "model"):
+        dec.run = dec.model.run
+    gen.compiled = False

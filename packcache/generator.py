@@ -90,7 +90,9 @@ class Generator:
         # how sessions turn latents into frames: the Wan VAE (default) or a TAEHV decoder (use_decoder)
         self.frame_decoder = vae
         self.decoder_kind = "wan"
+        self._taehv: dict[str, object] = {}
         self.compiled = False            # set by packcache.compile.compile_generator
+        self.compile_config = None       # a packcache.compile.CompileConfig: warmup() compiles first
         self.finisher = FinishWorker(self.device)
         self.attention_backend = "sdpa"
         if self.device.type != "meta":
@@ -186,10 +188,20 @@ class Generator:
             raise WeightsError("the taehv decoder needs its weights file (--decoder-weights taew2_1.pth)")
         from .taehv import load_taehv
 
-        v = self.preset.vae
-        self.frame_decoder = load_taehv(weights, v.z_dim, v.temporal_stride, v.spatial_stride, self.device,
-                                        self.dtype)
-        self.decoder_kind = "taehv"
+        key = str(Path(weights).resolve())
+        decoder = self._taehv.get(key)        # switching back keeps the loaded (and maybe compiled) decoder
+        if decoder is None:
+            v = self.preset.vae
+            decoder = self._taehv[key] = load_taehv(weights, v.z_dim, v.temporal_stride, v.spatial_stride,
+                                                    self.device, self.dtype)
+        self.frame_decoder, self.decoder_kind = decoder, "taehv"
+
+    def use_attention(self, prefer: str = "auto") -> str:
+        """Choose the attention backend again (auto, fa3, cudnn, flash, sdpa); an unusable one falls back."""
+        from .attention import configure
+
+        self.attention_backend = configure(self.device, self.dtype, prefer)
+        return self.attention_backend
 
     def runtime_info(self) -> dict:
         """What this generator runs with (for logs, /healthz and benchmarks)."""
@@ -239,8 +251,18 @@ class Generator:
         return GenerationSession(self, validate_prompt(prompt), int(seed), cache)
 
     def warmup(self, prompt: str = "warm-up") -> float:
-        """Generate one throwaway chunk so the first viewer never waits for allocation or kernel selection."""
+        """Generate one throwaway chunk so the first viewer never waits for allocation or kernel selection; with
+        `compile_config` set, compile first and warm up to the cache's steady state (packcache.compile)."""
         start = time.perf_counter()
+        if self.compile_config is not None and not self.compiled:
+            from .compile import compile_generator
+            try:
+                compile_generator(self, self.compile_config)
+                return time.perf_counter() - start
+            except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop the server: run eager
+                log.warning("compile failed (%s: %s); running uncompiled", type(exc).__name__, exc)
+                from .compile import uncompile_generator
+                uncompile_generator(self)
         session = self.open(prompt)
         try:
             session.next_chunk()
