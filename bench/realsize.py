@@ -2,7 +2,7 @@
 weight values), 832x480, packed cache, per stage (denoise / commit / decode / compress), end to end, over a long
 stream, for the full Wan VAE and the TAEHV decoder side by side.
 
-    python -m bench.realsize                                   # on a GPU: the prepared run (~6-8 min, see --minutes)
+    python -m bench.realsize                                   # on a GPU: the prepared run (<= 8.5 min: --minutes)
     python -m bench.realsize --preset tiny --device cpu --chunks 3 --baseline-chunks 2   # smoke test of the script
 
 Rows, in order:
@@ -178,8 +178,10 @@ def main(argv=None) -> int:
                     help="compile the measured rows (default: on for cuda, off for cpu)")
     ap.add_argument("--compile-mode", default="default",
                     choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend ('eager' traces without generating code: a quick check of the path)")
     ap.add_argument("--serial", action="store_true", help="measured rows without the decode pipeline")
-    ap.add_argument("--minutes", type=float, default=9.0,
+    ap.add_argument("--minutes", type=float, default=8.5,
                     help="time budget for the whole run: rows stop early (and say so) once it is spent")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), metavar="DIR",
                     help="where realsize_<device>.log and .json go (default: bench/results/)")
@@ -265,7 +267,8 @@ def _run(args, device, label, json_path, rep, started, deadline, command) -> int
                 gen.use_decoder("taehv", taehv_path)
             t = time.perf_counter()
             try:
-                info = compile_generator(gen, CompileConfig(mode=args.compile_mode, cache=args.cache))
+                info = compile_generator(gen, CompileConfig(backend=args.compile_backend, mode=args.compile_mode,
+                                                               cache=args.cache))
                 rep.say(f"compiled ({args.compile_mode}) and warmed up over {info['chunks']} chunks in "
                         f"{info['seconds']:.1f} s (first chunk {info['first_chunk_s']:.1f} s, steady "
                         f"{info['steady_chunk_s']:.3f} s)")
