@@ -11,7 +11,7 @@ import pytest
 
 from packcache.errors import PackCacheError
 
-CHUNKS = 5   # tiny packed cache: sink 1, recent 1 -> chunk 2's commit moves chunk 1 into the mid bank, and so on
+CHUNKS = 4   # tiny packed cache: sink 1, recent 1 -> chunk 2's commit moves chunk 1 into the mid bank, and so on
 
 
 def serial(gen, n, prompt_at=None):
@@ -45,7 +45,7 @@ def test_pipelined_frames_equal_the_serial_path_and_finish_precedes_the_next_com
 
         s._denoise = traced("denoise", s._denoise)
         s._commit = traced("commit", s._commit)
-        s._finish = traced("finish", s._finish, slow=0.3)
+        s._finish = traced("finish", s._finish, slow=0.5)
         futures = [s.submit_chunk() for _ in range(CHUNKS)]
         frames = [f.result() for f in futures]
         assert s.stats()["frames"] == 9 + 12 * (CHUNKS - 1)
@@ -64,12 +64,12 @@ def test_pipelined_frames_equal_the_serial_path_and_finish_precedes_the_next_com
 
 def test_a_recache_prompt_switch_mid_pipeline_matches_serial(tiny_generator):
     gen = tiny_generator
-    ref = serial(gen, 4, prompt_at=3)
+    ref = serial(gen, 3, prompt_at=2)
     with gen.open("a red circle", seed=3) as s:
         futures = []
-        for i in range(4):
-            if i == 3:
-                s.set_prompt("a blue square", transition="recache")   # waits for chunk 2's finish first
+        for i in range(3):
+            if i == 2:
+                s.set_prompt("a blue square", transition="recache")   # waits for chunk 1's finish first
             futures.append(s.submit_chunk())
         frames = [f.result() for f in futures]
     assert all(np.array_equal(a, b) for a, b in zip(ref, frames))

@@ -116,3 +116,18 @@ def test_pipelined_frames_equal_serial_on_the_gpu():
         futures = [s.submit_chunk() for _ in range(5)]
         frames = [f.result() for f in futures]
     assert all(np.array_equal(a, b) for a, b in zip(ref, frames))
+
+
+def test_healthz_reports_the_runtime_once_ready(tiny_generator):
+    import json
+    import urllib.request
+
+    from streamer.config import ServerConfig
+    from streamer.server import BackgroundServer
+
+    with BackgroundServer(ServerConfig(port=0, record_dir=None), tiny_generator) as bg:
+        with urllib.request.urlopen(bg.server.url + "healthz", timeout=10) as r:
+            body = json.loads(r.read())
+    assert body["status"] == "ready"
+    assert body["runtime"] == {"device": "cpu", "dtype": "float32", "attention": "sdpa", "compiled": False,
+                               "decoder": "wan"}
