@@ -159,7 +159,8 @@ def format_row(r: dict) -> str:
     return (f"{r['decoder']:<8} {r['attention']:<9} {'yes' if r['compiled'] else 'no':<5} "
             f"{'yes' if r['pipelined'] else 'no':<5} {r['chunks']:>6} {r['fps']:>6.1f} {r['first_frame_s']:>6.2f} "
             f"{r['ms_denoise']:>8.1f} {r['ms_commit']:>7.1f} {r['ms_decode']:>7.1f} {r['ms_compress']:>8.1f} "
-            f"{r['ms_chunk_early']:>7.1f} {r['ms_chunk_late']:>7.1f} {r['kv_gb']:>6.2f} {'-' if r['peak_gb'] is None else format(r['peak_gb'], '.2f'):>7}")
+            f"{r['ms_chunk_early']:>7.1f} {r['ms_chunk_late']:>7.1f} {r['kv_gb']:>6.2f} "
+            f"{'-' if r['peak_gb'] is None else format(r['peak_gb'], '.2f'):>7}")
 
 
 def main(argv=None) -> int:

@@ -150,7 +150,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--decoder", choices=("wan", "taehv"), default="wan",
                     help="frame decoder: the full Wan VAE, or a TAEHV tiny streaming decoder (needs --decoder-weights)")
     ap.add_argument("--decoder-weights", metavar="FILE",
-                    help="TAEHV checkpoint in the taew2_1 layout (taew2_1.pth, lighttaew2_1.safetensors; a user download)")
+                    help="TAEHV checkpoint in the taew2_1 layout (taew2_1.pth, lighttaew2_1.safetensors; "
+                         "a user download)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--out", default="video.mp4")
     ap.add_argument("--log-level", default="WARNING")
