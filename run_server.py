@@ -69,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="torch CPU threads for generation (default: cores - 1, at least 1; 0: torch's default)")
     g.add_argument("--cache", default=d.cache, choices=["packed", "window", "full"], help="KV cache policy")
+    g.add_argument("--decoder", default="wan", choices=["wan", "taehv"],
+                   help="frame decoder: the full Wan VAE, or a TAEHV tiny streaming decoder (fast; needs "
+                        "--decoder-weights)")
+    g.add_argument("--decoder-weights", default=None, metavar="FILE",
+                   help="TAEHV checkpoint in the taew2_1 layout (taew2_1.pth or lighttaew2_1.safetensors, a user "
+                        "download)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the transformer blocks (and a TAEHV decoder) during warm-up, before the "
+                        "server says ready; default: on for cuda, off for cpu (inductor's C++ build takes minutes "
+                        "there and gains little for the small CPU models)")
+    g.add_argument("--attention", default="auto", choices=["auto", "fa3", "cudnn", "flash", "sdpa"],
+                   help="attention kernel; auto picks FlashAttention-3 or cuDNN on Hopper GPUs, else PyTorch SDPA "
+                        "(the choice is logged)")
     g = p.add_argument_group("sessions")
     g.add_argument("--max-sessions", type=_sessions_arg, default=d.max_sessions,
                    help="concurrent sessions; one more client gets 'busy'. 'auto': as many as the device memory "
@@ -129,16 +142,46 @@ def generator_factory(args):
     else:
         preset = args.preset or _default_preset()
         get_preset(preset)                               # unknown names fail here, with the known ones listed
+    if args.decoder == "taehv" and not args.decoder_weights:
+        raise SystemExit("run_server.py: error: --decoder taehv needs --decoder-weights FILE (taew2_1.pth, "
+                         "downloaded yourself)")
+    if args.decoder_weights and not os.path.isfile(args.decoder_weights):
+        raise SystemExit(f"run_server.py: error: --decoder-weights {args.decoder_weights} is not a file")
+    if args.decoder_weights and args.decoder != "taehv":
+        raise SystemExit("run_server.py: error: --decoder-weights needs --decoder taehv")
 
     import torch
-
-    from packcache import Generator, PackCacheError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"run_server.py: error: --device {device} but no CUDA device is available")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda")
                                                            else torch.float32)
+    build = _build(args, device, dtype, None if args.model_dir else preset)
+
+    def factory():
+        return configure_runtime(build(), args)
+    return factory
+
+
+def configure_runtime(gen, args):
+    """Attention backend, frame decoder and compile-at-warm-up, as the command line asks."""
+    from packcache.compile import CompileConfig, default_enabled
+
+    if args.attention != "auto":
+        gen.use_attention(args.attention)
+    if args.decoder != "wan":
+        gen.use_decoder(args.decoder, args.decoder_weights)
+    compile_on = default_enabled(gen.device) if args.compile is None else args.compile
+    if compile_on:
+        gen.compile_config = CompileConfig(cache=args.cache)
+    logging.getLogger("run_server").info("runtime: %s", gen.runtime_info() | {"compile": compile_on})
+    return gen
+
+
+def _build(args, device, dtype, preset):
+    from packcache import Generator, PackCacheError
+
     if args.model_dir:
         return lambda: Generator.from_pretrained(args.model_dir, checkpoint=args.checkpoint, device=device,
                                                  dtype=dtype)

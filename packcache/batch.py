@@ -247,6 +247,7 @@ def step_sessions(gen: "Generator", sessions: list["GenerationSession"], decode:
                 r.result = exc
                 continue
             try:
+                s._wait_finish()                # a chunk submitted alone (`submit_chunk`) finishes before this one
                 r.prompt = s._prompt_for_chunk()
                 r.anchor = s.cache.begin_chunk()
                 r.rng_state = s._rng.get_state()

@@ -94,7 +94,11 @@ def run(args) -> Path:
     if args.seconds <= 0:
         raise PackCacheError("--seconds must be positive")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.decoder == "taehv" and not args.decoder_weights:
+        raise PackCacheError("--decoder taehv needs --decoder-weights FILE (taew2_1.pth, downloaded yourself)")
     gen = build_generator(args)
+    if args.decoder != "wan":
+        gen.use_decoder(args.decoder, args.decoder_weights)
     p = gen.preset
     frames_needed = math.ceil(args.seconds * p.fps)
     switches = sorted(args.switch or [], key=lambda s: s.at_seconds)
@@ -143,6 +147,11 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache", choices=("packed", "window", "full"), default="packed")
     ap.add_argument("--compression", choices=("hr+lr", "hr", "lr", "pool"), help="override the mid compressor")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--decoder", choices=("wan", "taehv"), default="wan",
+                    help="frame decoder: the full Wan VAE, or a TAEHV tiny streaming decoder (needs --decoder-weights)")
+    ap.add_argument("--decoder-weights", metavar="FILE",
+                    help="TAEHV checkpoint in the taew2_1 layout (taew2_1.pth, lighttaew2_1.safetensors; "
+                         "a user download)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--out", default="video.mp4")
     ap.add_argument("--log-level", default="WARNING")

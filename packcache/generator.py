@@ -11,10 +11,15 @@ the PackForcing cache):
     6. packed cache: compress the chunk (HR/LR/pool) and run its tokens at t=0 -> its compressed K/V backup
 
 No asyncio here; `next_chunk` blocks, and `set_prompt`, `reset` and `stats` are safe to call from another thread.
+`submit_chunk` is the pipelined form: steps 1-4 on the calling thread, 5-6 (the chunk's "finish") on the
+generator's side worker (its own CUDA stream on a GPU), returning a future of the frames, so the caller can start
+the next chunk's denoising at once. Invariant (kept in `submit_chunk`): chunk k's finish completes before chunk
+k+1's commit, because that commit may move chunk k from recent to the mid bank, taking its compressed backup.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -30,9 +35,11 @@ from .cache import CacheGeometry, KVCache, build_cache
 from .compress import MidCompressor, block_grid
 from .errors import PackCacheError, PresetError, PromptError, WeightsError
 from .model import CausalWanModel, PromptContext
+from .pipeline import FinishWorker
 from .presets import Preset, get_preset
 from .rope import grid_positions
 from .sampler import FlowSampler
+from .timing import StageClock
 from .vae import VideoVAE, frames_to_uint8
 
 log = logging.getLogger(__name__)
@@ -80,13 +87,24 @@ class Generator:
         lt, lh, lw = preset.cache.chunk_frames, preset.latent_height, preset.latent_width
         self.chunk_grid = model.token_grid(lt, lh, lw)
         self.block_grid = block_grid(*self.chunk_grid)
+        # how sessions turn latents into frames: the Wan VAE (default) or a TAEHV decoder (use_decoder)
+        self.frame_decoder = vae
+        self.decoder_kind = "wan"
+        self._taehv: dict[str, object] = {}
+        self.compiled = False            # set by packcache.compile.compile_generator
+        self.compile_config = None       # a packcache.compile.CompileConfig: warmup() compiles first
+        self.finisher = FinishWorker(self.device)
+        self.attention_backend = "sdpa"
+        if self.device.type != "meta":
+            from .attention import configure
+            self.attention_backend = configure(self.device, dtype)
 
     # ---- construction ---------------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0,
                     compression: str | None = None) -> "Generator":
         """Build a preset: its shipped weights when it has some, else seeded random weights (tiny, benchmarks)."""
-        from .text import build_text_encoder
+        from .text import build_text_encoder, text_dtype
 
         preset = get_preset(name)
         if compression is not None:
@@ -102,7 +120,7 @@ class Generator:
             compressor = MidCompressor(preset.compressor, model.dim, model.patch_embedding, vae)
         if preset.weights and not meta:
             load_bundle(shipped_weights_path(preset.weights), model, vae, compressor)
-        text = None if meta else build_text_encoder(preset.text, device=device)
+        text = None if meta else build_text_encoder(preset.text, device=device, dtype=text_dtype(preset.text, device))
         return cls._assemble(preset, model, vae, text, compressor, device, dtype)
 
     @classmethod
@@ -115,7 +133,7 @@ class Generator:
         transformer weights. Shapes come from the folder's own configs; cache and sampler from the preset."""
         from dataclasses import replace
 
-        from .text import build_text_encoder
+        from .text import build_text_encoder, text_dtype
         from .weights import load_checkpoint_into, load_diffusers_folder
 
         base = get_preset(preset)
@@ -138,7 +156,7 @@ class Generator:
         compressor = MidCompressor(p.compressor, model.dim, model.patch_embedding, vae)
         device = device or default_device()
         dtype = dtype or _default_dtype(device)
-        text = build_text_encoder(p.text, model_dir=model_dir, device=device)
+        text = build_text_encoder(p.text, model_dir=model_dir, device=device, dtype=text_dtype(p.text, device))
         return cls._assemble(p, model, vae, text, compressor, device, dtype)
 
     @classmethod
@@ -156,6 +174,43 @@ class Generator:
             dlog.set_verbosity(level)
         compressor.to(device=device, dtype=dtype)
         return cls(preset, model, vae, text, compressor, device, dtype)
+
+    # ---- decoding and runtime ----------------------------------------------------------------------------------
+    def use_decoder(self, kind: str = "wan", weights: str | Path | None = None) -> None:
+        """Decode frames with the Wan VAE (`wan`) or a TAEHV decoder loaded from `weights` (`taehv`; a checkpoint in
+        the taew2_1 layout, which users download). Sessions opened afterwards use it."""
+        if kind == "wan":
+            self.frame_decoder, self.decoder_kind = self.vae, "wan"
+            return
+        if kind != "taehv":
+            raise PresetError(f"unknown decoder {kind!r}; choose wan or taehv")
+        if weights is None:
+            raise WeightsError("the taehv decoder needs its weights file (--decoder-weights taew2_1.pth)")
+        from .taehv import load_taehv
+
+        key = str(Path(weights).resolve())
+        decoder = self._taehv.get(key)        # switching back keeps the loaded (and maybe compiled) decoder
+        if decoder is None:
+            v = self.preset.vae
+            decoder = self._taehv[key] = load_taehv(weights, v.z_dim, v.temporal_stride, v.spatial_stride,
+                                                    self.device, self.dtype)
+        self.frame_decoder, self.decoder_kind = decoder, "taehv"
+
+    def use_attention(self, prefer: str = "auto") -> str:
+        """Choose the attention backend again (auto, fa3, cudnn, flash, sdpa); an unusable one falls back."""
+        from .attention import configure
+
+        self.attention_backend = configure(self.device, self.dtype, prefer)
+        return self.attention_backend
+
+    def runtime_info(self) -> dict:
+        """What this generator runs with (for logs, /healthz and benchmarks)."""
+        return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "attention": self.attention_backend, "compiled": self.compiled, "decoder": self.decoder_kind}
+
+    def close(self) -> None:
+        """Stop the side worker (sessions must be closed first)."""
+        self.finisher.close()
 
     # ---- prompts --------------------------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> torch.Tensor:
@@ -204,8 +259,18 @@ class Generator:
         return step_sessions(self, sessions, decode)
 
     def warmup(self, prompt: str = "warm-up") -> float:
-        """Generate one throwaway chunk so the first viewer never waits for allocation or kernel selection."""
+        """Generate one throwaway chunk so the first viewer never waits for allocation or kernel selection; with
+        `compile_config` set, compile first and warm up to the cache's steady state (packcache.compile)."""
         start = time.perf_counter()
+        if self.compile_config is not None and not self.compiled:
+            from .compile import compile_generator
+            try:
+                compile_generator(self, self.compile_config)
+                return time.perf_counter() - start
+            except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop the server: run eager
+                log.warning("compile failed (%s: %s); running uncompiled", type(exc).__name__, exc)
+                from .compile import uncompile_generator
+                uncompile_generator(self)
         session = self.open(prompt)
         try:
             session.next_chunk()
@@ -243,6 +308,9 @@ class GenerationSession:
         self._last_seconds = 0.0
         self._total_seconds = 0.0
         self._frames = 0
+        self._finishing: concurrent.futures.Future | None = None    # the previous chunk's finish
+        self._finish_failed: str | None = None                       # set when one failed: only a reset goes on
+        self.clock = StageClock(gen.device)
         self._start_stream(seed)
         self._text = gen.encode_prompt(prompt)
         self._prompt_ctx = gen.model.embed_text(self._text)
@@ -252,7 +320,7 @@ class GenerationSession:
         self.seed = seed
         self.chunk_index = 0
         self.cache = self.gen.new_cache(self.cache_kind)
-        self.decoder = self.gen.vae.stream_decoder()
+        self.decoder = self.gen.frame_decoder.stream_decoder()
         self._rng = torch.Generator(device="cpu").manual_seed(seed)
 
     # ---- thread-safe controls -------------------------------------------------------------------------------
@@ -275,28 +343,45 @@ class GenerationSession:
     # ---- generation -----------------------------------------------------------------------------------------
     def next_chunk(self) -> np.ndarray:
         """Generate, decode and return the next chunk's frames: uint8 (T, H, W, 3)."""
-        return self._step(decode=True)
+        return self.submit_chunk().result()
 
     def advance(self) -> torch.Tensor:
         """Generate the next chunk and update the cache without producing frames (benchmarks, latent export).
 
         Returns the clean latents (1, 16, T, h, w). The VAE still runs when the compressor's LR branch needs pixels.
         """
-        return self._step(decode=False)
+        return self.submit_chunk(decode=False).result()
 
     @torch.no_grad()
-    def _step(self, decode: bool):
+    def submit_chunk(self, decode: bool = True) -> concurrent.futures.Future:
+        """Denoise and commit the next chunk on the calling thread; hand its finish (decode, compressed backup) to
+        the side worker. Returns a future of what `next_chunk` (decode=True) or `advance` (decode=False) returns.
+
+        Call it again as soon as it returns: the next chunk's denoising overlaps this chunk's finish, and its
+        commit waits for that finish (the invariant above). Calls must come from one thread at a time."""
         start = time.perf_counter()
         self._begin_step()
         try:
-            latents, pixels = self._generate(decode)
+            row = self.clock.new_chunk(self.chunk_index)
+            prompt = self._prompt_for_chunk()
+            anchor = self.cache.begin_chunk()
+            with self.clock.stage(row, "denoise"):
+                x0 = self._denoise(prompt, anchor)
+            self._wait_finish()
+            with self.clock.stage(row, "commit"):
+                slot = self._commit(x0, prompt, anchor)
         except BaseException:
             self._abort_step()
             raise
-        self._end_step(latents, start)
-        if not decode:
-            return latents
-        return frames_to_uint8(pixels)[0]
+        self._end_step(x0)
+        if not decode and not (self.cache.compresses and slot is not None):
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            self._record_time(start)
+            future.set_result(x0)
+            return future
+        future = self.gen.finisher.submit(self._finish_job, x0, slot, prompt, decode, row, start)
+        self._finishing = future
+        return future
 
     def _begin_step(self) -> None:
         """Mark a chunk in progress and apply a queued reset and prompt (shared with `packcache.batch`)."""
@@ -307,7 +392,12 @@ class GenerationSession:
             reset, self._pending_reset = self._pending_reset, None
             pending, self._pending = self._pending, None
         try:
+            if self._finish_failed is not None and reset is None:
+                raise PackCacheError(f"the previous chunk failed to finish ({self._finish_failed}); reset the stream")
+            if reset is not None or pending is not None:
+                self._wait_finish(failed_ok=reset is not None)   # a reset drops, a recache rewrites, its buffers
             if reset is not None:
+                self._finish_failed = None
                 self._drop_stream()
                 self._start_stream(reset)
             if pending is not None:
@@ -320,14 +410,37 @@ class GenerationSession:
         with self._lock:
             self._in_progress = False
 
-    def _end_step(self, latents: torch.Tensor, start: float) -> None:
+    def _end_step(self, latents: torch.Tensor, start: float | None = None) -> None:
+        """The chunk is committed: advance the index (and, for a synchronous finish, record its time)."""
         with self._lock:   # one step, so set_prompt never sees the new index while still "in progress"
             self.chunk_index += 1
             self._in_progress = False
-        self._last_seconds = time.perf_counter() - start
-        self._total_seconds += self._last_seconds
+        if start is not None:
+            self._record_time(start)
         t, stride = latents.shape[2], self.gen.preset.vae.temporal_stride
         self._frames += stride * t - (stride - 1 if self.chunk_index == 1 else 0)   # 9 then 12 frames for T=3
+
+    def _finish_job(self, x0, slot, prompt, decode, row, start):
+        pixels = self._finish(x0, slot, prompt, decode, row)
+        out = frames_to_uint8(pixels)[0] if decode else x0
+        self._record_time(start)
+        return out
+
+    def _record_time(self, start: float) -> None:
+        self._last_seconds = time.perf_counter() - start
+        self._total_seconds += self._last_seconds
+
+    def _wait_finish(self, failed_ok: bool = False) -> None:
+        """Block until the previous chunk's finish is complete (host and device)."""
+        future, self._finishing = self._finishing, None
+        if future is None:
+            return
+        try:
+            future.result()
+        except Exception as exc:
+            self._finish_failed = str(exc) or type(exc).__name__
+            if not failed_ok:
+                raise PackCacheError(f"the previous chunk failed to finish ({exc}); reset the stream") from exc
 
     def _apply_prompt(self, pending: dict) -> None:
         gen = self.gen
@@ -409,15 +522,18 @@ class GenerationSession:
                                 head=False)
         return self.cache.end_chunk(x0)
 
-    def _finish(self, x0: torch.Tensor, slot: int | None, prompt: PromptContext, decode: bool) -> torch.Tensor | None:
+    def _finish(self, x0: torch.Tensor, slot: int | None, prompt: PromptContext, decode: bool,
+                row: dict | None = None) -> torch.Tensor | None:
         """Streaming VAE decode and, for the packed cache, the chunk's compressed K/V backup (needed before the
         next chunk's commit, which may move this chunk from recent to the mid bank)."""
         gen, cache = self.gen, self.cache
         needs_pixels = cache.compresses and slot is not None and gen.compressor.needs_pixels
-        pixels = self.decoder.decode(x0) if decode or needs_pixels else None
+        with self.clock.stage(row, "decode"):
+            pixels = self.decoder.decode(x0) if decode or needs_pixels else None
         if cache.compresses and slot is not None:
-            tokens = gen.compressor(x0, gen.block_grid, pixels)
-            self._encode_compressed(slot, tokens, prompt)
+            with self.clock.stage(row, "compress"):
+                tokens = gen.compressor(x0, gen.block_grid, pixels)
+                self._encode_compressed(slot, tokens, prompt)
         return pixels
 
     def _encode_compressed(self, slot: int, tokens: torch.Tensor, prompt: PromptContext | None = None) -> None:
@@ -451,11 +567,13 @@ class GenerationSession:
         self.decoder.close()
 
     def close(self) -> None:
-        """Free the cache and decoder state; idempotent. Safe while no chunk is being generated."""
+        """Free the cache and decoder state; idempotent. Safe while no chunk is being generated (a finish still
+        running on the side worker is waited for)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        self._wait_finish(failed_ok=True)
         self._drop_stream()
         self._prompt_ctx = None
         self._blend = None
@@ -477,6 +595,7 @@ class GenerationSession:
     def state_dict(self) -> dict:
         """The session's state between chunks; each holder (cache, decoder, importance) adds its own part."""
         from .errors import SnapshotError
+        self._wait_finish()   # the last chunk's decode and compressed backup belong to the state
         with self._lock:
             if self._closed:
                 raise SnapshotError("session is closed")

@@ -70,6 +70,23 @@ class PromptContext:
         return cached
 
 
+@torch.compiler.disable
+def _kv_exchange(kv: KVAccess, layer: int, q_rot, k, k_rot, v, canon_cos, canon_sin):
+    """The cache's side of a self-attention call: read the context, then write this pass's K/V. Kept out of
+    torch.compile's graphs (Python-side selection, plans and host syncs), so the compiled block code around it
+    guards on nothing the cache does and stays valid chunk after chunk."""
+    ctx = kv.context(layer, q_rot)   # copied out of the cache before any write below
+    if kv.writes:
+        k_canon = k_rot if canon_cos is None else Rope3D.apply(k, canon_cos, canon_sin)
+        kv.write(layer, k_canon, v)
+    return ctx
+
+
+@torch.compiler.disable
+def _prompt_kv(prompt: "PromptContext", layer: int, attn):
+    return prompt.kv(layer, attn)
+
+
 class CausalSelfAttnProcessor:
     """Self-attention over [cached context ; current tokens]. Falls back to diffusers' processor for plain calls."""
 
@@ -88,10 +105,7 @@ class CausalSelfAttnProcessor:
         q_rot = Rope3D.apply(q, plan.cos, plan.sin)
         k_rot = Rope3D.apply(k, plan.cos, plan.sin)
         if plan.kv is not None:
-            ctx = plan.kv.context(self.layer, q_rot)   # copied out of the cache before any write below
-            if plan.kv.writes:
-                k_canon = k_rot if plan.canon_cos is None else Rope3D.apply(k, plan.canon_cos, plan.canon_sin)
-                plan.kv.write(self.layer, k_canon, v)
+            ctx = _kv_exchange(plan.kv, self.layer, q_rot, k, k_rot, v, plan.canon_cos, plan.canon_sin)
             if hasattr(ctx, "attend"):   # several sessions in one batch (packcache.batch): contexts per row
                 return attn.to_out[1](attn.to_out[0](ctx.attend(q_rot, k_rot, v).flatten(2, 3).type_as(q)))
             if ctx is not None:
@@ -113,7 +127,7 @@ class CachedCrossAttnProcessor:
         if not isinstance(encoder_hidden_states, PromptContext):
             return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k, v = encoder_hidden_states.kv(self.layer, attn)
+        k, v = _prompt_kv(encoder_hidden_states, self.layer, attn)
         out = attention(q, k.to(q.dtype), v.to(q.dtype)).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 

@@ -24,7 +24,8 @@ from .presets import TextConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TINY_TEXT_SEED", "MiniLMTextEncoder", "TextEncoder", "UMT5TextEncoder", "build_text_encoder"]
+__all__ = ["TINY_TEXT_SEED", "MiniLMTextEncoder", "TextEncoder", "UMT5TextEncoder", "build_text_encoder",
+           "text_dtype"]
 
 TINY_TEXT_SEED = 0
 MINILM_DIM = 384
@@ -196,6 +197,15 @@ def _find_minilm_dir() -> Path:
     return model_dir
 
 
+def text_dtype(config: TextConfig, device: str | torch.device | None) -> torch.dtype:
+    """bf16 for umT5 (real or tiny) on a GPU, float32 otherwise: umT5-XXL in fp32 holds ~22 GB of GPU memory, in
+    bf16 half that (Wan's own pipelines run it in bf16). Outputs stay float32 either way (`_zero_padded`).
+    The CPU keeps float32 (bf16 matmuls are slow there) and MiniLM keeps it everywhere (the toy model was trained
+    on its float32 embeddings)."""
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    return torch.bfloat16 if on_gpu and config.kind in ("umt5", "tiny") else torch.float32
+
+
 def build_text_encoder(
     config: TextConfig,
     model_dir: str | Path | None = None,
@@ -236,5 +246,6 @@ def build_text_encoder(
         enc = MiniLMTextEncoder(model.to(device), tokenizer, config.max_tokens)
     else:
         raise PresetError(f"unknown text encoder kind {config.kind!r}; known: umt5, tiny, minilm")
-    logger.info("text encoder %s: dim %d, %d tokens, %s", config.kind, enc.dim, enc.max_tokens, enc.device)
+    logger.info("text encoder %s: dim %d, %d tokens, %s, %s", config.kind, enc.dim, enc.max_tokens, enc.device,
+                str(next(enc.model.parameters()).dtype).replace("torch.", ""))
     return enc

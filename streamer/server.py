@@ -247,6 +247,8 @@ class StreamServer:
             body = {"status": "ready" if self.ready else "starting", "sessions": len(self.clients),
                     "max_sessions": self.config.max_sessions,
                     "preset": self.generator.preset.name if self.ready else None}
+            if self.ready and hasattr(self.generator, "runtime_info"):   # attention backend, compiled, decoder
+                body["runtime"] = self.generator.runtime_info()
             return _response(200 if self.ready else 503, json.dumps(body).encode(), "application/json")
         if path == "/metrics":
             return _response(200, self.metrics.render().encode(), METRICS_CONTENT_TYPE)

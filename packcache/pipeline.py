@@ -1,0 +1,60 @@
+"""Decode off the critical path: a chunk's finish (decode, compressed K/V backup) runs on a side worker while the
+calling thread denoises the next chunk.
+
+One `FinishWorker` per `Generator`: a single thread (so finishes run in submission order) and, on CUDA, its own
+stream. A job waits (on the device) for the event recorded after its chunk's commit, runs, and synchronises its
+stream before its future resolves: a resolved future means the finish's device work is complete, which is what
+the session relies on before the next commit (see `GenerationSession.submit_chunk`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+import torch
+
+
+class FinishWorker:
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                threads = torch.get_num_threads()   # the creating thread's setting (the server sets it per thread)
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="packcache-finish", initializer=torch.set_num_threads,
+                    initargs=(threads,))
+            return self._pool
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        """Run fn(*args) on the side worker after the device work queued so far on this thread's stream."""
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record()                          # on the caller's current stream
+        return self._executor().submit(self._run, ready, fn, args)
+
+    def _run(self, ready, fn, args):
+        with torch.no_grad():                       # grad mode is per thread
+            if self._stream is None:
+                return fn(*args)
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                self._stream.wait_event(ready)
+                for a in args:                      # tensors made on the caller's stream, used on this one
+                    if isinstance(a, torch.Tensor) and a.is_cuda:
+                        a.record_stream(self._stream)
+                out = fn(*args)
+            self._stream.synchronize()
+            return out
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
