@@ -117,3 +117,27 @@ def test_training_view_mask_follows_the_commit_time_contexts():
     assert reads["mid2"] == ["mid2", "source2"]                            # compressed tokens read their chunk
     assert reads["current5"] == ["current5", "mid1", "mid2", "mid3", "recent4", "sink0"]
     assert view.mask().shape == (sum(s.tokens for s in view.segments),) * 2
+
+
+def test_hr_training_loss_runs_on_the_layout_view_and_reaches_the_hr_convs():
+    from dataclasses import replace
+
+    from packcache.compress import MidCompressor
+    from toyworld.train import build_model, toy_preset
+    from toyworld.train_hr import packed_view_loss
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    p = toy_preset()
+    model = build_model(p, 0).eval().requires_grad_(False)
+    comp = MidCompressor(replace(p.compressor, mode="hr"), model.dim, model.patch_embedding)
+    torch.nn.init.normal_(comp.hr.proj.weight, std=0.02)      # let the zero-initialised projection pass a gradient
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 16, 21, 8, 8, generator=g)
+    lr_tok = torch.randn(2, 7, 2, model.dim, generator=g)
+    text = torch.randn(2, 4, p.text.dim, generator=g)
+    loss = packed_view_loss(p, model, comp, x0, lr_tok, text, g, current=6, mids=[3, 4])
+    loss.backward()
+    torch.set_num_threads(threads)
+    assert torch.isfinite(loss)
+    assert comp.hr.temporal.weight.grad.abs().sum() > 0
