@@ -123,7 +123,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class CompressorConfig:
-    """Dual-branch mid-block compressor. Modes: `hr+lr` (needs trained HR weights), `lr`, `pool` (zero-shot)."""
+    """Dual-branch mid-block compressor. Modes: `hr+lr` and `hr` (need trained HR weights), `lr`, `pool` (zero-shot)."""
 
     mode: Literal["hr+lr", "hr", "lr", "pool"] = "lr"
     hr_channels: tuple[int, int, int, int] = (32, 128, 512, 2048)

@@ -39,3 +39,10 @@ def test_ablate_writes_rows_table_and_strip(tmp_path):
     assert rows["no sink"]["attended_tokens"] < rows["packed fifo"]["attended_tokens"]   # the sink's tokens
     assert "| packed fifo |" in (tmp_path / "ABLATIONS.md").read_text()
     assert (tmp_path / "ablations.png").stat().st_size > 0
+    # a report merged from part runs keeps the rows and their strip rows
+    assert ablate.main(["--merge", str(tmp_path), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "ablations.json").read_text())
+    assert merged["rows"] == data["rows"]
+    from PIL import Image
+    a, b = (np.asarray(Image.open(d / "ablations.png")) for d in (tmp_path, tmp_path / "merged"))
+    assert np.array_equal(a, b)

@@ -2,6 +2,8 @@
 
     python -m toyworld.ablate                   # writes toyworld/eval/ABLATIONS.md, ablations.json, ablations.png
     python -m toyworld.ablate --quick           # a smoke test: fewer trials, 10 s instead of 120 s
+    python -m toyworld.ablate --variants window,full --out /tmp/a    # a subset (e.g. one process per core) ...
+    python -m toyworld.ablate --merge /tmp/a /tmp/b                  # ... merged into one report
 
 Variants (one row each): packed top-k with the shipped `hr+lr` compressor, packed FIFO selection, packed without a
 sink, the compressor as `hr`, `lr` and `pool`, the sink + sliding `window`, and `full` history. Each runs
@@ -24,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -123,21 +126,15 @@ def run_variant(gen, v: Variant, trials: list, probe: int, seconds: float, promp
     return row, strip
 
 
-def save_strip(strips: dict[str, dict], path: Path, probe_frames: int, every_s: float = 10.0, fps: int = 16,
-               scale: int = 2) -> None:
-    from PIL import Image
-    rows = []
-    for s in strips.values():
-        mem = [s["memory"][i] for i in range(0, len(s["memory"]), probe_frames)]
-        long = [s["long"][i] for i in range(0, len(s["long"]), int(every_s * fps))]
-        tiles = [np.pad(f, ((2, 2), (2, 2), (0, 0)), constant_values=255) for f in mem]
-        tiles.append(np.full((mem[0].shape[0] + 4, 8, 3), 255, np.uint8))
-        tiles += [np.pad(f, ((2, 2), (2, 2), (0, 0)), constant_values=255) for f in long]
-        rows.append(np.concatenate(tiles, axis=1))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    img = Image.fromarray(np.concatenate(rows, axis=0))
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+def strip_row(s: dict, probe_frames: int, every_s: float = 10.0, fps: int = 16, scale: int = 2) -> np.ndarray:
+    """One variant's strip: a frame per generated memory-test chunk, a gap, a frame every 10 s of the long run."""
+    mem = [s["memory"][i] for i in range(0, len(s["memory"]), probe_frames)]
+    long = [s["long"][i] for i in range(0, len(s["long"]), int(every_s * fps))]
+    tiles = [np.pad(f, ((2, 2), (2, 2), (0, 0)), constant_values=255) for f in mem]
+    tiles.append(np.full((mem[0].shape[0] + 4, 8, 3), 255, np.uint8))
+    tiles += [np.pad(f, ((2, 2), (2, 2), (0, 0)), constant_values=255) for f in long]
+    row = np.concatenate(tiles, axis=1)
+    return row.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
 COLUMNS = [("variant", "variant", ""), ("setting", "cache", ""), ("memory_recall", "memory recall", ".2f"),
@@ -146,8 +143,55 @@ COLUMNS = [("variant", "variant", ""), ("setting", "cache", ""), ("memory_recall
            ("attended_tokens", "attended tokens", ""), ("s_per_chunk", "s/chunk", ".3f")]
 
 
+def write_report(rows: list[dict], meta: dict, out: Path, strip_rows: list[np.ndarray]) -> str:
+    """ablations.json, ABLATIONS.md and ablations.png (one strip row per table row) under `out`."""
+    from PIL import Image
+
+    from .evaluate import md_table
+    out.mkdir(parents=True, exist_ok=True)
+    width = max(r.shape[1] for r in strip_rows)
+    strip = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+                            for r in strip_rows])
+    Image.fromarray(strip).save(out / "ablations.png")
+    (out / "ablations.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    m = meta["memory"]
+    md = [f"# Ablations on the toy world\n\n`{meta['command'].strip()}`: preset {meta['preset']}, torch threads "
+          f"{meta['threads']}, {meta['wall_s']:.0f} s of wall time. Memory test: {m['trials']} trials, the subject in "
+          f"view for {m['seen']} chunks after {m['sink']} empty sink chunks, then {m['gap']} empty chunks, then "
+          f"{m['probe']} generated chunks under a prompt without a colour (chance about 0.12). Extrapolation: "
+          f"{meta['seconds']:.0f} s, subject consistency averaged over 10 s windows. Prompt following: "
+          f"{meta['prompt_following']['prompts']} prompts x {meta['prompt_following']['chunks']} chunks. Strip: "
+          "`ablations.png` (rows in table order; the memory test's generated chunks, a gap, then one frame every "
+          "10 s of the extrapolation).\n"]
+    if meta.get("parts"):
+        md.append("Merged from runs in parallel processes: " + "; ".join(meta["parts"]) + ".\n")
+    md += [md_table(rows, COLUMNS), ""]
+    text = "\n".join(md) + "\n"
+    (out / "ABLATIONS.md").write_text(text)
+    return text
+
+
+def merge(dirs: list[Path], out: Path, command: str) -> str:
+    """One report from runs of variant subsets: rows in the standard order, strip rows with them."""
+    from PIL import Image
+    rows, strips, metas, parts = [], {}, [], []
+    for d in dirs:
+        data = json.loads((d / "ablations.json").read_text())
+        metas.append(data["meta"])
+        parts.append(f"`{data['meta']['command'].strip()}` ({', '.join(r['variant'] for r in data['rows'])})")
+        img = np.asarray(Image.open(d / "ablations.png").convert("RGB"))
+        h = img.shape[0] // len(data["rows"])
+        for k, r in enumerate(data["rows"]):
+            rows.append(r)
+            strips[r["variant"]] = img[k * h:(k + 1) * h]
+    order = [v.name for v in VARIANTS]
+    rows.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
+    meta = dict(metas[0], command=command.strip(), parts=parts, wall_s=sum(m["wall_s"] for m in metas))
+    return write_report(rows, meta, out, [strips[r["variant"]] for r in rows])
+
+
 def main(argv=None) -> int:
-    from .evaluate import PROMPTS, load_generator, md_table
+    from .evaluate import PROMPTS, load_generator
     ap = argparse.ArgumentParser(prog="python -m toyworld.ablate", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=HERE / "eval")
     ap.add_argument("--threads", type=int, default=1)
@@ -156,9 +200,17 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(KEYS), help=f"comma-separated, of {', '.join(KEYS)}")
     ap.add_argument("--preset", default="toy", help="toy (shipped weights) or tiny (random, for tests)")
     ap.add_argument("--quick", action="store_true", help="2 trials, 10 s, 2 prompts: a smoke test")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="DIR", help="merge the reports of earlier runs")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command = "python -m toyworld.ablate " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.merge:
+        missing = [str(d) for d in args.merge if not (d / "ablations.json").is_file()]
+        if missing:
+            ap.error(f"no ablations.json in {', '.join(missing)}")
+        print(merge(args.merge, args.out, command))
+        return 0
     unknown = [k for k in args.variants.split(",") if k not in KEYS]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(KEYS)}")
@@ -185,25 +237,14 @@ def main(argv=None) -> int:
         log.info("%s", {k: row[k] for k in ("variant", "memory_recall", "subject_consistency", "prompt_following",
                                                 "kv_kib", "attended_tokens", "s_per_chunk")})
     wall = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
     frames_per_chunk = gen.preset.cache.chunk_frames * gen.preset.vae.temporal_stride
-    save_strip(strips, args.out / "ablations.png", frames_per_chunk)
     c = gen.preset.cache
-    meta = {"command": "python -m toyworld.ablate " + " ".join(argv if argv is not None else []),
-            "preset": gen.preset.name, "threads": args.threads, "wall_s": wall, "seconds": seconds,
+    meta = {"command": command, "preset": gen.preset.name, "threads": args.threads, "wall_s": wall,
+            "seconds": seconds,
             "memory": {"trials": len(trials), "sink": c.sink_chunks, "seen": 3, "gap": memory_gap(gen.preset),
                        "probe": probe, "prompts": [t.prompt for t in trials], "colours": [t.color for t in trials]},
             "prompt_following": {"prompts": len(prompts), "chunks": prompt_chunks}}
-    (args.out / "ablations.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    md = [f"# Ablations on the toy world\n\n`{meta['command'].strip()}`: preset {gen.preset.name}, torch threads "
-          f"{args.threads}, {wall:.0f} s. Memory test: {len(trials)} trials, subject in view for 3 chunks after "
-          f"{c.sink_chunks} empty sink chunks, then {memory_gap(gen.preset)} empty chunks, then {probe} generated "
-          f"chunks under a prompt without a colour (chance about 0.12). Extrapolation: {seconds:.0f} s. Prompt "
-          f"following: {len(prompts)} prompts x {prompt_chunks} chunks. Strip: `ablations.png` (rows in table "
-          "order; the memory test's generated chunks, a gap, then one frame every 10 s).\n",
-          md_table(rows, COLUMNS), ""]
-    (args.out / "ABLATIONS.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    print(write_report(rows, meta, args.out, [strip_row(strips[r["variant"]], frames_per_chunk) for r in rows]))
     return 0
 
 

@@ -52,7 +52,8 @@ class MemoryTrial:
     def prompt(self) -> str:
         """Shape, motion and background, as the captions word them, but no colour for the subject."""
         from .world import MOTION_WORDS
-        return f"a {self.shape} {MOTION_WORDS[self.motion][0]} on a {BG_WORDS[self.background]} {self.bg_color} background"
+        motion, bg = MOTION_WORDS[self.motion][0], BG_WORDS[self.background]
+        return f"a {self.shape} {motion} on a {bg} {self.bg_color} background"
 
 
 def trials(n: int, seed: int = 0) -> list[MemoryTrial]:
