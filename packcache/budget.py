@@ -2,6 +2,7 @@
 
     python -m packcache.budget --preset packforcing-paper --seconds 120
     python -m packcache.budget --preset wan2.1-t2v-1.3b --seconds 120 --chunk-frames 4
+    python -m packcache.budget --sink-chunks 0 --selection fifo --compression lr      # the paper's ablations
 
 Nothing here is a separate formula: the cache object the sessions use is built (without memory) and asked for its
 partitions, so the printed numbers are what a session would allocate.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,6 +38,8 @@ class Budget:
     full_history_tokens: int
     full_history_bytes: int
     seconds: float
+    selection: str = "topk"
+    compression: str = "hr+lr"
 
 
 def compute_budget(preset: Preset, seconds: float, dtype: torch.dtype = torch.bfloat16) -> Budget:
@@ -71,13 +74,14 @@ def compute_budget(preset: Preset, seconds: float, dtype: torch.dtype = torch.bf
     latent_frames = math.ceil(seconds * fps / preset.vae.temporal_stride)
     full_tokens = latent_frames * grid[1] * grid[2]
     return Budget(preset.name, t, n, nb, attended, bytes_, active, full_tokens, full_tokens * per_token_all_layers,
-                  seconds)
+                  seconds, preset.cache.selection, preset.compressor.mode)
 
 
 def format_budget(b: Budget) -> str:
     lines = [
         f"preset {b.preset}: chunks of {b.chunk_frames} latent frames = {b.tokens_per_chunk:,} tokens; "
         f"compressed block = {b.tokens_per_block:,} tokens ({b.tokens_per_chunk / b.tokens_per_block:.1f}x fewer)",
+        f"mid selection {b.selection}, compression {b.compression} (neither changes the sizes below)",
         "",
         "attended tokens per layer (constant for any length)",
     ]
@@ -107,15 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recent-chunks", type=int)
     ap.add_argument("--mid-topk", type=int)
     ap.add_argument("--mid-capacity", type=int)
+    ap.add_argument("--selection", choices=("topk", "fifo"), help="mid-block selection (fifo: the paper's ablation)")
+    ap.add_argument("--compression", choices=("hr+lr", "hr", "lr", "pool"), help="mid-block compressor mode")
     args = ap.parse_args(argv)
     try:
         preset = get_preset(args.preset)
         overrides = {k: getattr(args, k) for k in ("chunk_frames", "sink_chunks", "recent_chunks", "mid_topk",
-                                                    "mid_capacity") if getattr(args, k) is not None}
-        if any(v <= 0 for v in overrides.values() if v is not None) or args.seconds <= 0:
-            raise PackCacheError("sizes and --seconds must be positive")
+                                                    "mid_capacity", "selection") if getattr(args, k) is not None}
+        may_be_zero = ("sink_chunks", "mid_topk")      # no sink / no mid: the paper's ablations
+        if any(v < 0 or (v == 0 and k not in may_be_zero) for k, v in overrides.items() if isinstance(v, int)) \
+                or args.seconds <= 0:
+            raise PackCacheError("--sink-chunks and --mid-topk must be >= 0; other sizes and --seconds positive")
         if overrides:
             preset = preset.with_cache(**overrides)
+        if args.compression:
+            preset = replace(preset, compressor=replace(preset.compressor, mode=args.compression))
         print(format_budget(compute_budget(preset, args.seconds)))
     except PackCacheError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,7 +14,8 @@ accumulates however long the stream runs (`Rope3D.rotate_temporal`).
 
 Timeline (bounded caches): context blocks are packed contiguously backwards from a constant anchor
 A = (sink_chunks + mid_topk + recent_chunks) * T, in order sink, selected mid (chronological), recent; the current
-chunk occupies [A, A+T). Every position fed to RoPE is in [0, A+T): bounded for any stream length.
+chunk occupies [A, A+T). Every position fed to RoPE is in [0, A+T): bounded for any stream length. The positions
+come from one `ContextLayout` per chunk (`packcache.layout`), the same value the HR training view is built from.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .layout import ContextLayout, block_offsets, build_layout
 from .presets import CacheConfig
 from .rope import Rope3D
-from .select import BlockImportance, block_scores
+from .selection import BlockImportance, block_scores, newest, oldest
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,7 @@ class CacheGeometry:
 
     def block_temporal_offsets(self) -> torch.Tensor:
         """Canonical temporal positions of a compressed block's slices: spread over the chunk's T positions."""
-        tc = self.block_grid[0]
-        return torch.arange(tc, dtype=torch.float64) * (self.chunk_frames / tc)
+        return torch.tensor(block_offsets(self.chunk_frames, self.block_grid[0]), dtype=torch.float64)
 
 
 @dataclass
@@ -190,7 +191,10 @@ class BoundedKVCache(KVCache):
         self.mid_valid = torch.zeros(slots, dtype=torch.bool)
         self.mid_chunk_ids = torch.full((slots,), -1, dtype=torch.long)
         self.spare = 0
+        # selection state: smoothed affinities per layer and slot, and each recent chunk's query sum (rotated at
+        # canonical positions) from its commit pass, so the recent chunks' queries score the mid bank too
         self.importance = BlockImportance(layers, slots, c.importance_decay)
+        self.recent_qsum = torch.zeros(layers, b, self.recent_cap if self.compresses else 0, h, d, device=device)
         self._selection: list[torch.Tensor | None] = [None] * layers
         self._plan: dict | None = None
         self._incoming_slot: int | None = None
@@ -200,35 +204,25 @@ class BoundedKVCache(KVCache):
     def _n_selected(self) -> int:
         return min(self.topk, int(self.mid_valid.sum()))
 
-    def _make_plan(self, recent_upto: int | None = None, anchor: float | None = None) -> dict:
-        """Packed start of each context block, walking back from the anchor: recent, then mid, then sink."""
-        t = self.geo.chunk_frames
+    def layout(self, recent_upto: int | None = None, anchor: float | None = None) -> ContextLayout:
+        """The current chunk's context layout (mid slots are chosen per layer at the first denoising step)."""
         recent = self.recent_order if recent_upto is None else self.recent_order[:recent_upto]
-        cursor = self.anchor if anchor is None else anchor
-        recent_starts = []
-        for _ in recent:
-            cursor -= t
-            recent_starts.insert(0, cursor)
-        n_sel = self._n_selected()
-        mid_starts = []
-        for _ in range(n_sel):
-            cursor -= t
-            mid_starts.insert(0, cursor)
-        sink_starts = []
-        for _ in range(self.sink_filled):
-            cursor -= t
-            sink_starts.insert(0, cursor)
-        n, nb = self.geo.chunk_tokens, self.geo.block_tokens
-        deltas = [torch.full((n,), s) for s in sink_starts]
-        deltas += [torch.full((nb,), s) for s in mid_starts]
-        deltas += [torch.full((n,), s) for s in recent_starts]
-        delta = torch.cat(deltas) if deltas else torch.zeros(0)
-        cos, sin = self.rope.temporal_cos_sin(delta, self.work_k.device)
-        lo = min(sink_starts + mid_starts + recent_starts, default=self.anchor if anchor is None else anchor)
+        return build_layout(self.geo.chunk_grid, self.geo.block_grid, self.anchor if anchor is None else anchor,
+                            sink=list(range(self.sink_filled)), mid=[None] * self._n_selected(),
+                            recent=[self.recent_chunk_ids[s] for s in recent], current=self.chunks_seen,
+                            recent_chunks=self.recent_cap)
+
+    def _make_plan(self, recent_upto: int | None = None, anchor: float | None = None) -> dict:
+        """The attention plan of one pass, built from the layout: context rotations and what to gather."""
+        layout = self.layout(recent_upto, anchor)
+        recent = self.recent_order if recent_upto is None else self.recent_order[:recent_upto]
+        cos, sin = self.rope.temporal_cos_sin(layout.context_starts(), self.work_k.device)
+        mids = layout.of_kind("mid")
         return {
-            "recent": list(recent), "n_sel": n_sel, "sink_chunks": self.sink_filled, "tokens": int(delta.numel()),
-            "cos": cos[None, :, None, :], "sin": sin[None, :, None, :], "mid_start": mid_starts[-1] if mid_starts else None,
-            "range": (float(lo), float((self.anchor if anchor is None else anchor) + t)),
+            "layout": layout, "recent": list(recent), "n_sel": len(mids), "sink_chunks": self.sink_filled,
+            "tokens": layout.context_tokens, "cos": cos[None, :, None, :], "sin": sin[None, :, None, :],
+            "mid_start": mids[-1].start if mids else None,
+            "recent_starts": [seg.start for seg in layout.of_kind("recent")], "range": layout.position_range,
         }
 
     def begin_chunk(self) -> float:
@@ -249,16 +243,41 @@ class BoundedKVCache(KVCache):
         if n_sel == 0:
             sel = torch.zeros(0, dtype=torch.long)
         else:
-            if q is not None and int(valid.sum()) > n_sel:
-                ks = self.mid_k[layer].sum(dim=2).transpose(0, 1)                  # (slots, B, H, D)
-                cos, sin = self.rope.temporal_cos_sin(torch.tensor([plan["mid_start"]]), ks.device)
-                ks = self.rope.rotate_temporal(ks, cos, sin)
-                self.importance.update(layer, block_scores(q, ks, self.config.score_head_fraction).cpu(), valid)
-            sel = self.importance.top_k(layer, n_sel, valid)
+            if self.config.selection == "fifo":
+                sel = newest(self.mid_chunk_ids, valid, n_sel)
+            else:
+                if q is not None and int(valid.sum()) > n_sel:
+                    self.importance.update(layer, self._scores(layer, q, plan).cpu(), valid)
+                sel = self.importance.top_k(layer, n_sel, valid)
             sel = sel[torch.argsort(self.mid_chunk_ids[sel])]                          # chronological
         sel = sel.to(self.mid_k.device)          # reused by every pass of this chunk: copy to the device once
         self._selection[layer] = sel
         return sel
+
+    def selected_chunks(self, layer: int) -> list[int] | None:
+        """Chunk ids of the mid blocks `layer` attends to this chunk, oldest first (None before the first step)."""
+        sel = self._selection[layer]
+        return None if sel is None else self.mid_chunk_ids[sel.cpu()].tolist()
+
+    def _scores(self, layer: int, q: torch.Tensor, plan: dict) -> torch.Tensor:
+        """Mean per-token affinity of every mid slot to the current chunk's and the recent chunks' queries."""
+        q_sum = q.float().sum(dim=1)                                                   # (B, H, D) at the anchor
+        count = q.shape[1]
+        for slot, start in zip(plan["recent"], plan["recent_starts"]):
+            cos, sin = self.rope.temporal_cos_sin(torch.tensor([start]), q_sum.device)
+            q_sum = q_sum + self.rope.rotate_temporal(self.recent_qsum[layer, :, slot][:, None], cos, sin)[:, 0]
+            count += self.geo.chunk_tokens
+        ks = self.mid_k[layer].sum(dim=2).transpose(0, 1)                              # (slots, B, H, D)
+        cos, sin = self.rope.temporal_cos_sin(torch.tensor([plan["mid_start"]]), ks.device)
+        ks = self.rope.rotate_temporal(ks, cos, sin)
+        return block_scores(q_sum, count, ks, self.geo.block_tokens, self.config.score_head_fraction)
+
+    def _keep_query_sum(self, layer: int, q: torch.Tensor | None, slot: int, start: float) -> None:
+        """Store a recent chunk's query sum at canonical positions (its queries sat at `start` .. start + T)."""
+        if q is None:
+            return
+        cos, sin = self.rope.temporal_cos_sin(torch.tensor([-start]), q.device)
+        self.recent_qsum[layer, :, slot] = self.rope.rotate_temporal(q.float().sum(dim=1)[:, None], cos, sin)[:, 0]
 
     # ---- gathering the attention view -----------------------------------------------------------------------
     def _gather(self, layer: int, q: torch.Tensor | None, plan: dict):
@@ -317,6 +336,13 @@ class BoundedKVCache(KVCache):
                 self.recent_k[layer, :, slot] = k
                 self.recent_v[layer, :, slot] = v
 
+            if self.compresses:
+                def context(layer, q):
+                    view = self._gather(layer, q, plan)       # before the slot's query sum is replaced
+                    self._keep_query_sum(layer, q, slot, self.anchor)
+                    return view
+                return _Access(context, write)
+
         return _Access(lambda layer, q: self._gather(layer, q, plan), write)
 
     def end_chunk(self, latents: torch.Tensor) -> int | None:
@@ -345,7 +371,10 @@ class BoundedKVCache(KVCache):
         self.mid_chunk_ids[new] = chunk_id
         self.importance.add_block(new, self.mid_valid)
         if int(self.mid_valid.sum()) > self.mid_cap:
-            victim = self.importance.least_important(self.mid_valid, protect=new)
+            if self.config.selection == "fifo":
+                victim = oldest(self.mid_chunk_ids, self.mid_valid, protect=new)
+            else:
+                victim = self.importance.least_important(self.mid_valid, protect=new)
             self.mid_valid[victim] = False
             self.mid_chunk_ids[victim] = -1
             self.spare = victim
@@ -378,7 +407,10 @@ class BoundedKVCache(KVCache):
         self._selection = [None] * self.geo.layers     # selection by importance only (no queries yet)
 
         def context(layer, q):
-            return self._gather(layer, None, plan)
+            view = self._gather(layer, None, plan)
+            if self.compresses:
+                self._keep_query_sum(layer, q, slot, start)
+            return view
 
         def write(layer, k, v):
             self.recent_k[layer, :, slot] = k
@@ -406,7 +438,7 @@ class BoundedKVCache(KVCache):
     # Buffers restored in place; work_k/work_v are scratch rebuilt by every gather, and the per-chunk plan and
     # selection are rebuilt by begin_chunk, so neither is state.
     _STATE_BUFFERS = ("sink_k", "sink_v", "recent_k", "recent_v", "backup_k", "backup_v", "mid_k", "mid_v",
-                      "mid_valid", "mid_chunk_ids")
+                      "mid_valid", "mid_chunk_ids", "recent_qsum")
     _STATE_VALUES = ("sink_filled", "recent_order", "recent_chunk_ids", "spare")
     _STATE_LISTS = ("recent_latents", "recent_tokens")     # per recent slot: a tensor or None
 

@@ -98,3 +98,8 @@ class MidCompressor(nn.Module):
             h = self._fit(self.hr(latents.to(self.hr.proj.weight.dtype)), grid).to(self._patch_embedding.weight.dtype)
             x = h if x is None else x + h
         return x.flatten(2).transpose(1, 2)   # (B, Tc*hc*wc, D)
+
+    def hr_tokens(self, latents: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The HR branch alone as tokens (B, Tc*hc*wc, D), with autograd (its training adds them to LR tokens)."""
+        h = self._fit(self.hr(latents.to(self.hr.proj.weight.dtype)), grid)
+        return h.flatten(2).transpose(1, 2)

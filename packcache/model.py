@@ -8,13 +8,14 @@ token on a relative timeline with `Rope3D`. Three kinds of forward pass run thro
 - `forward_chunk`     one chunk (e.g. 3 latent frames) against the cache: a denoising step or the t=0 commit pass.
 - `encode_tokens`     arbitrary tokens (the compressed mid block) through all layers at t=0, writing their K/V.
 - `forward_sequence`  a whole clip with an attention mask (block-causal training, the equivalence reference).
+- `forward_view`      a cache layout's one-pass training view (`packcache.layout`): the HR compressor's training.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from .attention import attention
+from .layout import SequenceView
 from .presets import TransformerConfig
 from .rope import Rope3D, grid_positions
 
@@ -287,3 +289,30 @@ class CausalWanModel(nn.Module):
         x = self._blocks(x, prompt, proj, AttnPlan(cos=cos, sin=sin, mask=mask))
         return self._head(x, temb, grid)
 
+    def forward_view(
+        self,
+        view: SequenceView,
+        inputs: Sequence[torch.Tensor],
+        timesteps: Sequence[torch.Tensor],
+        prompt: PromptContext,
+    ) -> torch.Tensor:
+        """One pass over a layout's training view; returns the output of its last segment (the current chunk).
+
+        inputs, one per segment: latents (B, C, T, H, W) for a full-resolution segment, tokens (B, N, dim) for a
+        compressed one; timesteps, one (B,) per segment (0 for clean context). Positions and the attention mask come
+        from the view, so this pass sees what the cache shows the current chunk at inference (tests/test_layout.py).
+        """
+        parts, per_token_t = [], []
+        for seg, x, t in zip(view.segments, inputs, timesteps, strict=True):
+            tokens = self._patchify(x) if x.dim() == 5 else x.to(self._dtype)
+            if tokens.shape[1] != seg.tokens:
+                raise ValueError(f"{seg.kind} segment of chunk {seg.chunk}: {tokens.shape[1]} tokens, layout says "
+                                 f"{seg.tokens}")
+            parts.append(tokens)
+            per_token_t.append(t.to(tokens.device).float().reshape(-1, 1).expand(tokens.shape[0], seg.tokens))
+        x = torch.cat(parts, dim=1)
+        temb, proj = self._time(torch.cat(per_token_t, dim=1), x)
+        cos, sin = self.rope.cos_sin(view.positions(), x.device)
+        x = self._blocks(x, prompt, proj, AttnPlan(cos=cos, sin=sin, mask=view.mask().to(x.device)))
+        last = view.segments[-1]
+        return self._head(x[:, -last.tokens:], temb[:, -last.tokens:], last.grid)

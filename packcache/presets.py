@@ -102,24 +102,28 @@ class TextConfig:
 class CacheConfig:
     """Cache policy, in units of chunks (one chunk = `chunk_frames` latent frames).
 
-    kind: `packed` (sink + compressed mid bank with top-k + recent), `window` (sink + sliding window of full-res
-    chunks), `full` (unbounded history; the reference the others are compared against).
+    A session picks the cache kind (`Generator.open(cache=...)`): `packed` (sink + compressed mid bank with top-k +
+    recent), `window` (sink + sliding window of full-res chunks), `full` (unbounded history; the reference the
+    others are compared against); these values size the first two.
+    selection: `topk` (the k mid blocks of highest affinity to the recent and current queries; a full bank evicts
+    the least important) or `fifo` (the paper's ablation baseline: the k newest blocks; a full bank evicts the
+    oldest). See `packcache/selection.py`.
     """
 
-    kind: Literal["packed", "window", "full"] = "packed"
     chunk_frames: int = 3
-    sink_chunks: int = 2
+    sink_chunks: int = 2            # 0 is the paper's no-sink ablation
     recent_chunks: int = 1
     mid_topk: int = 16
-    mid_capacity: int = 32          # compressed blocks kept; full bank evicts the least important (never FIFO)
+    mid_capacity: int = 32          # compressed blocks kept; a full bank evicts one (see `selection`)
     window_chunks: int = 4          # only for kind="window": full-res chunks kept after the sink
+    selection: Literal["topk", "fifo"] = "topk"
     score_head_fraction: float = 0.5      # "half-head evaluation"
-    importance_decay: float = 0.5         # EMA factor of block importance: smooths selection (less flicker)
+    importance_decay: float = 0.5         # weight of the past in the smoothed affinity (0: the paper's per-chunk top k)
 
 
 @dataclass(frozen=True)
 class CompressorConfig:
-    """Dual-branch mid-block compressor. Modes: `hr+lr` (needs trained HR weights), `lr`, `pool` (zero-shot)."""
+    """Dual-branch mid-block compressor. Modes: `hr+lr` and `hr` (need trained HR weights), `lr`, `pool` (zero-shot)."""
 
     mode: Literal["hr+lr", "hr", "lr", "pool"] = "lr"
     hr_channels: tuple[int, int, int, int] = (32, 128, 512, 2048)

@@ -33,8 +33,6 @@ __all__ = [
     "load_diffusers_transformer",
     "load_diffusers_vae",
     "load_module_weights",
-    "load_pretrained_transformer",
-    "load_pretrained_vae",
     "load_transformer_weights",
     "read_diffusers_transformer_state",
     "read_state_dict",
@@ -323,11 +321,6 @@ def load_diffusers_vae(model_dir: str | Path, device: str | torch.device = "cpu"
 
     root = check_diffusers_folder(model_dir, ("vae",))
     return _from_pretrained(AutoencoderKLWan, root, "vae", device, dtype)
-
-
-# Names the engine uses.
-load_pretrained_transformer = load_diffusers_transformer
-load_pretrained_vae = load_diffusers_vae
 
 
 @dataclasses.dataclass

@@ -69,3 +69,19 @@ def test_full_size_generator_builds_on_meta_for_sizing():
         assert "meta" in str(e)
     else:
         raise AssertionError("opening a session on meta must fail clearly")
+
+
+def test_budget_accepts_the_ablation_switches(capsys):
+    """No sink, fifo selection and every compression mode: the sizes follow the cache actually built."""
+    from dataclasses import replace
+    base = get_preset("packforcing-paper")
+    b = compute_budget(replace(base.with_cache(sink_chunks=0, selection="fifo"),
+                               compressor=CompressorConfig(mode="pool")), seconds=120)
+    assert b.attended == {"sink": 0, "mid": 2912, "recent": 6240, "current": 6240, "total": 15392}
+    assert b.selection == "fifo" and b.compression == "pool"
+    for mode in ("hr+lr", "hr", "lr", "pool"):
+        assert main(["--sink-chunks", "0", "--selection", "fifo", "--compression", mode]) == 0
+        assert f"selection fifo, compression {mode}" in capsys.readouterr().out
+    assert main(["--recent-chunks", "0"]) == 2
+    r = subprocess.run([sys.executable, "-m", "packcache.budget", "--selection", "lru"], capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr

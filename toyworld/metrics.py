@@ -81,12 +81,6 @@ def dominant_color(frames: np.ndarray) -> str | None:
     return COLOR_NAMES[int(hist.argmax())]
 
 
-def per_frame_dominant(frames: np.ndarray) -> list[str | None]:
-    hist = color_histogram(frames)
-    npix = frames.shape[1] * frames.shape[2]
-    return [COLOR_NAMES[int(h.argmax())] if h.sum() >= MIN_FG_FRACTION * npix else None for h in hist]
-
-
 def prompt_color(prompt: str) -> str | None:
     """The first shape colour named in a prompt (the subject's), by word; None if it names none."""
     words = re.findall(r"[a-z]+", prompt.lower())

@@ -1,18 +1,15 @@
 """Stage 4 of `toyworld.train`: the HR compressor branch, trained end-to-end through the frozen DiT.
 
-One forward pass reproduces the attention view the packed cache builds at inference (`packcache.cache`), on the
-relative timeline the cache uses (anchor A = (sink + top-k + recent) * T, context packed backwards from it):
+One forward pass reproduces the attention view the packed cache builds at inference. Both come from the same
+`packcache.layout.ContextLayout` (positions on the relative timeline, who attends to whom): this stage builds the
+layout of a chunk whose context is [sink ; compressed mids ; recent], takes its `training_view()` (each mid block
+preceded by its full-resolution source chunk, every chunk attending to what it attended when it was committed at
+inference) and runs it through `CausalWanModel.forward_view`. tests/test_layout.py holds this view equal to the
+cache's.
 
-    tokens            positions (T = 3)            attends to
-    sink chunks       [0, 2T)                     earlier sink chunks and itself (block-causal)
-    mid chunk j       [m_j, m_j + T)              the sink and itself (only its compressed tokens read it)
-    compressed j      m_j + {0, T/2} (x4 grid)    mid chunk j and itself (as `compressor_writer` does)
-    recent chunk      [A - T, A)                  sink, compressed mids, itself
-    noisy chunk       [A, A + T)                  sink, compressed mids, recent, itself  (the packed view)
-
-Only the noisy chunk's flow-matching loss is used; gradients reach the HR convs through the compressed tokens'
-keys and values in every layer. The LR branch's tokens do not depend on trainable weights, so they are computed
-once per clip (decode-pool-encode through the frozen VAE) before training.
+Only the current (noisy) chunk's flow-matching loss is used; gradients reach the HR convs through the compressed
+tokens' keys and values in every layer. The LR branch's tokens do not depend on trainable weights, so they are
+computed once per clip (decode-pool-encode through the frozen VAE) before training.
 """
 
 from __future__ import annotations
@@ -30,12 +27,6 @@ import torch.nn.functional as F
 from .common import noise_like
 
 logger = logging.getLogger("toyworld.train")
-
-
-def _positions(model, grid, t0: float, t_offsets=None, spatial_stride: float = 1.0) -> torch.Tensor:
-    from packcache.rope import grid_positions
-    t = torch.arange(grid[0], dtype=torch.float64) if t_offsets is None else t_offsets
-    return grid_positions(*grid, t + t0, spatial_stride=spatial_stride)
 
 
 @torch.no_grad()
@@ -63,81 +54,34 @@ def lr_tokens_for(preset, model, vae_wrapper, compressor, latents: torch.Tensor,
 def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.Tensor, text, gen: torch.Generator,
                      current: int, mids: list[int], recipe=None) -> torch.Tensor:
     """Flow-matching loss of chunk `current` denoised against [sink ; compressed `mids` ; recent] (see module doc)."""
-    from packcache.model import AttnPlan
-    T = preset.cache.chunk_frames
-    c = preset.cache
-    b = x0.shape[0]
-    sink = list(range(c.sink_chunks))
-    recent = current - 1
-    A = float((c.sink_chunks + c.mid_topk + c.recent_chunks) * T)
-    chunk_grid = model.token_grid(T, preset.latent_height, preset.latent_width)
-    from packcache.compress import block_grid as _bg
-    bgrid = _bg(*chunk_grid)
-    n_c = chunk_grid[0] * chunk_grid[1] * chunk_grid[2]
-    sl = lambda j: x0[:, :, j * T:(j + 1) * T]   # noqa: E731
+    from packcache.compress import block_grid
+    from packcache.layout import build_layout
 
     from .train import DiTRecipe, draw_sigmas
+    c = preset.cache
+    T = c.chunk_frames
+    b = x0.shape[0]
+    chunk_grid = model.token_grid(T, preset.latent_height, preset.latent_width)
+    bgrid = block_grid(*chunk_grid)
+    anchor = float((c.sink_chunks + c.mid_topk + c.recent_chunks) * T)
+    layout = build_layout(chunk_grid, bgrid, anchor, sink=list(range(c.sink_chunks)), mid=mids,
+                          recent=list(range(current - c.recent_chunks, current)), current=current,
+                          recent_chunks=c.recent_chunks)
+    view = layout.training_view()
+    sl = lambda j: x0[:, :, j * T:(j + 1) * T]   # noqa: E731
+
     dev = x0.device   # random draws come from `gen` on the CPU, so every device draws the same
     sigma = draw_sigmas((b,), preset, recipe or DiTRecipe(), gen).to(dev)   # as the DiT stage trains
     eps = noise_like(sl(current), gen)
     xn = (1 - sigma)[:, None, None, None, None] * sl(current) + sigma[:, None, None, None, None] * eps
-
-    # packed starts, walking back from the anchor: recent, mids, sink
-    cursor = A - T
-    recent_start = cursor
-    mid_starts = []
-    for _ in mids:
-        cursor -= T
-        mid_starts.insert(0, cursor)
-    sink_starts = []
-    for _ in sink:
-        cursor -= T
-        sink_starts.insert(0, cursor)
-
-    parts, pos, group, tsteps = [], [], [], []   # group ids define the mask
-
-    def add(tokens, positions, gid, t):
-        parts.append(tokens)
-        pos.append(positions)
-        group.extend([gid] * tokens.shape[1])
-        tsteps.append(torch.full((b, tokens.shape[1]), float(t)))
-
-    for k, j in enumerate(sink):
-        add(model._patchify(sl(j)), _positions(model, chunk_grid, sink_starts[k]), ("sink", k), 0.0)
-    hr = compressor.hr
-    offsets = torch.arange(bgrid[0], dtype=torch.float64) * (T / bgrid[0])
-    for k, j in enumerate(mids):
-        add(model._patchify(sl(j)), _positions(model, chunk_grid, mid_starts[k]), ("midfull", k), 0.0)
-        h = hr(sl(j).to(hr.proj.weight.dtype))
-        h = compressor._fit(h, bgrid).flatten(2).transpose(1, 2)               # (B, n_b, D)
-        add(lr_tok[:, j] + h, _positions(model, bgrid, mid_starts[k], offsets, spatial_stride=4.0), ("mid", k), 0.0)
-    add(model._patchify(sl(recent)), _positions(model, chunk_grid, recent_start), ("recent", 0), 0.0)
-    add(model._patchify(xn), _positions(model, chunk_grid, A), ("noisy", 0), 0.0)
-    tsteps[-1] = (sigma.cpu() * 1000.0)[:, None].expand(b, n_c)
-
-    x = torch.cat(parts, dim=1)
-    positions = torch.cat(pos)
-    ts = torch.cat(tsteps, dim=1).to(dev)
-    n = x.shape[1]
-    kinds = [g[0] for g in group]
-    idx = [g[1] for g in group]
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    kinds_t = {k: torch.tensor([kk == k for kk in kinds]) for k in ("sink", "midfull", "mid", "recent", "noisy")}
-    idx_t = torch.tensor(idx)
-    same = idx_t[:, None] == idx_t[None, :]
-    S, MF, MC, R, X = (kinds_t[k] for k in ("sink", "midfull", "mid", "recent", "noisy"))
-    mask |= S[:, None] & S[None, :] & (idx_t[:, None] >= idx_t[None, :])
-    mask |= MF[:, None] & (S[None, :] | (MF[None, :] & same))
-    mask |= MC[:, None] & ((MF[None, :] | MC[None, :]) & same)
-    mask |= R[:, None] & (S[None, :] | MC[None, :] | R[None, :])
-    mask |= X[:, None] & (S[None, :] | MC[None, :] | R[None, :] | X[None, :])
-    mask = mask.to(dev)
-
-    prompt = model.embed_text(text)
-    temb, proj = model._time(ts, x)
-    cos, sin = model.rope.cos_sin(positions, x.device)
-    h = model._blocks(x, prompt, proj, AttnPlan(cos=cos, sin=sin, mask=mask))
-    v = model._head(h[:, -n_c:], temb[:, -n_c:], chunk_grid)
+    inputs, timesteps = [], []
+    for seg in view.segments:
+        if seg.kind == "mid":
+            inputs.append(lr_tok[:, seg.chunk] + compressor.hr_tokens(sl(seg.chunk), bgrid).to(lr_tok.dtype))
+        else:
+            inputs.append(xn if seg.kind == "current" else sl(seg.chunk))
+        timesteps.append(sigma * 1000.0 if seg.kind == "current" else torch.zeros(b, device=dev))
+    v = model.forward_view(view, inputs, timesteps, model.embed_text(text))
     return F.mse_loss(v.float(), eps - sl(current))
 
 
@@ -176,8 +120,9 @@ def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, cl
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup=20)
         idx = torch.from_numpy(rng.integers(0, clips, size=batch)).to(device)
-        current = int(rng.integers(sink + 2, n_chunks))                       # has >= 1 mid chunk
-        mids = list(range(sink, current - 1))[-preset.cache.mid_topk:]
+        recent = preset.cache.recent_chunks
+        current = int(rng.integers(sink + recent + 1, n_chunks))              # has >= 1 mid chunk
+        mids = list(range(sink, current - recent))[-preset.cache.mid_topk:]
         text, _ = captions(idx.cpu().numpy())
         loss = packed_view_loss(preset, model, comp, latents[idx], lr_tok[idx], text.to(device), gen, current, mids,
                                 recipe)
