@@ -39,6 +39,10 @@ async def serve_cluster(args, config, make_factory: Callable[[Any], Callable[[],
         return 2
     from .frontdoor import FrontDoor
 
+    if args.preset and not args.model_dir:   # unknown names fail here, not on every worker
+        from packcache import get_preset
+        get_preset(args.preset)
+
     cluster = cluster_config_from_args(args)
     if config.reconnect_grace == 0:     # moves off a drained worker are resumes: keep sessions a while
         config = replace(config, reconnect_grace=30.0)

@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -36,7 +37,7 @@ from websockets.http11 import Request, Response
 from .. import protocol as P
 from ..config import ServerConfig
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Registry
-from ..server import Refused, StreamServer, _query, _response
+from ..server import BackgroundServer, Refused, StreamServer, _query, _response
 from . import exposition
 from .config import ClusterConfig
 from .placement import WorkerView, pick
@@ -354,7 +355,14 @@ class FrontDoor(StreamServer):
                 self.routes.pop(relay.sid, None)
                 await relay.leave("moved", "this worker is being drained; reconnect for a new session "
                                   "(session moves need snapshot support on the workers)")
-        try:                                        # detached sessions and anything the relays left behind
+        await self.refresh([v])
+        relayed = {r.sid for r in self.relays if r.view is v}
+        for sid in (v.status or {}).get("sids", []):   # detached sessions (client away): moved, nobody to tell
+            if sid not in relayed and sid in self.routes:
+                if await self._move(sid, v) is not None:
+                    moved += 1
+                    self.cmetrics.moved.inc(outcome="moved")
+        try:                                        # what is left (unmoved detached sessions) ends here
             ended += await self._call(v.actor.end_sessions.remote(None), self.cluster.move_timeout)
         except Exception as exc:  # noqa: BLE001
             log.warning("worker %s: ending its sessions failed: %r", name, exc)
@@ -363,8 +371,26 @@ class FrontDoor(StreamServer):
         return {"worker": name, "draining": True, "moved": moved, "ended": ended}
 
     async def _move(self, sid: str, source: WorkerView) -> WorkerView | None:
-        """Snapshot `sid` on `source` and adopt it on the worker with the most free slots. None: not moved."""
-        return None
+        """Snapshot `sid` on `source` and adopt it on the worker with the most free slots (the snapshot travels
+        through Ray's object store, worker to worker). None: not moved (no snapshots, no room, or it failed)."""
+        target = pick([v for v in self.views.values() if v is not source])
+        route = self.routes.get(sid)
+        if target is None or route is None or not (source.status or {}).get("snapshots") \
+                or not target.status.get("snapshots"):
+            return None
+        token = target.reserve()
+        try:
+            payload = source.actor.export_session.remote(sid)
+            index = await self._call(target.actor.adopt_session.remote(sid, route.resume_key, payload),
+                                     self.cluster.move_timeout)
+        except Exception as exc:  # noqa: BLE001 - the client gets a new session instead
+            log.warning("moving session %s from %s to %s failed: %s", sid, source.name, target.name, exc)
+            target.release(token)
+            return None
+        target.welcomed(token)
+        self.routes[sid] = Route(target.name, route.resume_key, time.monotonic())
+        log.info("session %s moved from %s to %s at chunk %d", sid, source.name, target.name, index)
+        return target
 
 
 class Relay:
@@ -495,3 +521,22 @@ class Relay:
 
 def _json(status: int, body: dict) -> Response:
     return _response(status, json.dumps(body).encode(), "application/json")
+
+
+class BackgroundFrontDoor(BackgroundServer):
+    """A FrontDoor on an event loop thread of its own (tests, benchmarks); start() returns once every worker is
+    warm. stop() closes it and its workers (and Ray, if the front door started it)."""
+
+    def __init__(self, door: FrontDoor):
+        self.server = door
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="front-door", daemon=True)
+
+    def start(self, timeout: float = 600.0) -> "BackgroundFrontDoor":
+        self._thread.start()
+        self.call(self._start(timeout), timeout + 10)
+        return self
+
+    async def _start(self, timeout: float) -> None:
+        await self.server.start()
+        await self.server.wait_ready(timeout=timeout)
