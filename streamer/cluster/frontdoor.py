@@ -287,6 +287,9 @@ class FrontDoor(StreamServer):
         route = self.routes.get(_query(request).get("resume", ""))
         if route is not None:
             v = self.views.get(route.worker)
+            if v is not None and v.ready and v.draining:   # being moved right now: its new worker is not known yet
+                raise Refused("moved", "this session is being moved to another worker; reconnect in a moment",
+                              CLOSE_SERVICE_RESTART)
             if v is not None and v.ready:
                 return v, True
         v = pick(list(self.views.values()))

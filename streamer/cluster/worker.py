@@ -100,7 +100,10 @@ class StreamWorker:
     async def _end(self, sids) -> int:
         clients = [c for sid, c in list(self.server.clients.items()) if sids is None or sid in sids]
         for c in clients:
-            await c.stop()
+            if c.detached_at is None and c.ws is not None:   # connected: told, then freed when its handler ends
+                await c.fail("moved", "this worker is being drained; reconnect for a new session", 1012)
+            else:
+                await c.stop()
         return len(clients)
 
     def export_session(self, sid: str) -> dict:
