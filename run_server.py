@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reconnect-grace", type=float, default=d.reconnect_grace,
                    help="seconds a session outlives a dropped websocket so the viewer can resume it "
                         "(same stream, same cache); 0 ends it at once")
+    g.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="on shutdown (SIGTERM/SIGINT) save every live session here and restore them on the next "
+                        "start: a viewer resuming within --reconnect-grace continues its stream (needs "
+                        "--reconnect-grace > 0)")
     g.add_argument("--ping-interval", type=float, default=d.ping_interval, help="websocket keepalive ping (s)")
     g.add_argument("--ping-timeout", type=float, default=d.ping_timeout,
                    help="drop a client whose pong is this late (s)")
@@ -104,7 +108,7 @@ def config_from_args(args):
         allowed_origins=tuple(args.allowed_origin), default_prompt=args.prompt, default_seed=args.seed,
         cache=args.cache, cpu_threads=args.cpu_threads, chunks_ahead=args.chunks_ahead,
         ping_interval=args.ping_interval,
-        ping_timeout=args.ping_timeout, reconnect_grace=args.reconnect_grace,
+        ping_timeout=args.ping_timeout, reconnect_grace=args.reconnect_grace, state_dir=args.state_dir,
         record_dir=args.record_dir or None, record_all=args.record_all,
         limits=replace(Limits(), idle_timeout=args.idle_timeout))
 

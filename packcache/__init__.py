@@ -4,14 +4,17 @@ Public face:
     Generator.from_preset(name, device=..., dtype=...) / Generator.from_pretrained(model_dir, checkpoint=None)
     gen.open(prompt, seed=0, cache="packed") -> GenerationSession
     session.next_chunk() -> uint8 (T, H, W, 3); session.set_prompt(text, transition=...); session.stats(); close()
+    session.snapshot(path) between chunks; gen.restore(path) -> GenerationSession continuing it
 """
 
-from .errors import PackCacheError, PresetError, PromptError, WeightsError
+from .errors import PackCacheError, PresetError, PromptError, SnapshotError, WeightsError
 from .presets import PRESETS, Preset, get_preset
 
 __all__ = [
     "Generator", "GenerationSession", "PRESETS", "Preset", "get_preset",
     "PackCacheError", "PresetError", "PromptError", "WeightsError",
+    "SnapshotError", "SnapshotInfo", "snapshot_info", "snapshot_tensors", "restore_with_extra",
+    "SNAPSHOT_SUFFIX",
 ]
 
 
@@ -19,4 +22,8 @@ def __getattr__(name):  # lazy: importing the package must stay cheap (no torch 
     if name in ("Generator", "GenerationSession"):
         from . import generator
         return getattr(generator, name)
+    if name in ("SnapshotInfo", "snapshot_info", "snapshot_tensors", "restore_with_extra",
+    "SNAPSHOT_SUFFIX", "SNAPSHOT_SUFFIX"):
+        from . import snapshot
+        return snapshot.SUFFIX if name == "SNAPSHOT_SUFFIX" else getattr(snapshot, name)
     raise AttributeError(name)

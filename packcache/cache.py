@@ -132,6 +132,17 @@ class KVCache:
             if isinstance(value, torch.Tensor):
                 setattr(self, name, None)
 
+    # ---- snapshots (packcache/snapshot.py) ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything the next chunks depend on (subclasses add their partitions), between chunks."""
+        return {"kind": self.kind, "chunks_seen": self.chunks_seen, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict) -> None:
+        from .errors import SnapshotError
+        if state["kind"] != self.kind:
+            raise SnapshotError(f"snapshot holds a {state['kind']!r} cache, not {self.kind!r}")
+        self.chunks_seen, self.anchor = int(state["chunks_seen"]), float(state["anchor"])
+
 
 class BoundedKVCache(KVCache):
     """Sink + (compressed mid bank with top-k selection) + recent ring; buffers preallocated, bytes constant.
@@ -391,6 +402,40 @@ class BoundedKVCache(KVCache):
         return CacheStats(self.kind, self.chunks_seen, parts, plan["tokens"], plan["tokens"] + n, kv,
                           self.anchor, plan["range"])
 
+    # ---- snapshots ------------------------------------------------------------------------------------------
+    # Buffers restored in place; work_k/work_v are scratch rebuilt by every gather, and the per-chunk plan and
+    # selection are rebuilt by begin_chunk, so neither is state.
+    _STATE_BUFFERS = ("sink_k", "sink_v", "recent_k", "recent_v", "backup_k", "backup_v", "mid_k", "mid_v",
+                      "mid_valid", "mid_chunk_ids")
+    _STATE_VALUES = ("sink_filled", "recent_order", "recent_chunk_ids", "spare")
+    _STATE_LISTS = ("recent_latents", "recent_tokens")     # per recent slot: a tensor or None
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update({name: getattr(self, name) for name in self._STATE_BUFFERS + self._STATE_VALUES})
+        state.update({name: list(getattr(self, name)) for name in self._STATE_LISTS})
+        state["importance"] = self.importance.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        from .errors import SnapshotError
+        from .snapshot import assign
+        super().load_state_dict(state)
+        for name in self._STATE_BUFFERS:
+            assign(getattr(self, name), state[name], f"cache.{name}")
+        self.sink_filled, self.spare = int(state["sink_filled"]), int(state["spare"])
+        self.recent_order = [int(i) for i in state["recent_order"]]
+        self.recent_chunk_ids = [int(i) for i in state["recent_chunk_ids"]]
+        device = self.recent_k.device
+        for name in self._STATE_LISTS:
+            values = [None if t is None else t.to(device) for t in state[name]]
+            if len(values) != len(getattr(self, name)):
+                raise SnapshotError(f"snapshot cache.{name} has {len(values)} slots; this cache has "
+                                    f"{len(getattr(self, name))}")
+            setattr(self, name, values)
+        self.importance.load_state_dict(state["importance"])
+        self._plan, self._selection = None, [None] * self.geo.layers
+
 
 class FullKVCache(KVCache):
     """Unbounded history at full resolution (the reference). Keys are stored rotated at absolute positions."""
@@ -437,6 +482,20 @@ class FullKVCache(KVCache):
     def close(self) -> None:
         self.k = [[] for _ in self.k]
         self.v = [[] for _ in self.v]
+
+    # ---- snapshots ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update({"k": [list(ks) for ks in self.k], "v": [list(vs) for vs in self.v]})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        from .errors import SnapshotError
+        super().load_state_dict(state)
+        if len(state["k"]) != len(self.k) or len(state["v"]) != len(self.v):
+            raise SnapshotError(f"snapshot has {len(state['k'])} layers; this model has {len(self.k)}")
+        self.k = [[t.to(self.device, self.dtype) for t in ks] for ks in state["k"]]
+        self.v = [[t.to(self.device, self.dtype) for t in vs] for vs in state["v"]]
 
 
 def build_cache(kind: str, geometry: CacheGeometry, config: CacheConfig, rope: Rope3D, device="cpu",

@@ -3,7 +3,8 @@
 PackCacheError
  ├── PresetError     unknown preset or an invalid override
  ├── WeightsError    missing files, missing/unexpected/mis-shaped checkpoint keys
- └── PromptError     empty prompt, bad transition, bad blend length
+ ├── PromptError     empty prompt, bad transition, bad blend length
+ └── SnapshotError   a session snapshot that is unreadable, corrupted, newer, or from another model
 """
 
 
@@ -20,4 +21,8 @@ class WeightsError(PackCacheError):
 
 
 class PromptError(PackCacheError, ValueError):
+    pass
+
+
+class SnapshotError(PackCacheError):
     pass

@@ -209,6 +209,15 @@ class Generator:
     def fps(self) -> int:
         return self.preset.fps
 
+    # ---- snapshots (packcache/snapshot.py) ---------------------------------------------------------------------
+    def restore(self, path: str | Path) -> "GenerationSession":
+        """A session continuing the snapshot at `path` exactly where it stopped (bit for bit on the same device).
+
+        Raises SnapshotError (a PackCacheError) for a missing, truncated, corrupted or newer file, or one taken with
+        another preset, configuration, weights or dtype."""
+        from .snapshot import restore_session
+        return restore_session(self, path)
+
 
 class GenerationSession:
     """One endless stream: its cache, its streaming decoder, its prompt and its noise generator."""
@@ -433,6 +442,62 @@ class GenerationSession:
 
     def __exit__(self, *exc):
         self.close()
+
+    # ---- snapshots (packcache/snapshot.py) ---------------------------------------------------------------------
+    def snapshot(self, path: str | Path, extra: dict | None = None,
+                 extra_tensors: dict[str, torch.Tensor] | None = None):
+        """Write this session's complete state to `path` (one versioned safetensors file); `gen.restore(path)`
+        continues it. Call between chunks, from the thread that generates. Returns a `SnapshotInfo`."""
+        from .snapshot import write_snapshot
+        return write_snapshot(self, path, extra, extra_tensors)
+
+    def state_dict(self) -> dict:
+        """The session's state between chunks; each holder (cache, decoder, importance) adds its own part."""
+        from .errors import SnapshotError
+        with self._lock:
+            if self._closed:
+                raise SnapshotError("session is closed")
+            if self._in_progress:
+                raise SnapshotError("a chunk is being generated; snapshot between chunks")
+            pending = dict(self._pending) if self._pending is not None else None
+            pending_reset = self._pending_reset
+        state_fn = getattr(self.decoder, "state_dict", None)
+        if state_fn is None:
+            raise SnapshotError(f"snapshots do not support the {type(self.decoder).__name__} decoder yet")
+        return {
+            "cache_kind": self.cache_kind, "seed": self.seed, "prompt": self.prompt, "chunk_index": self.chunk_index,
+            "pending": pending, "pending_reset": pending_reset,
+            "text": self._text, "blend": dict(self._blend) if self._blend is not None else None,
+            "rng": self._rng.get_state(),
+            "counters": {"last_seconds": self._last_seconds, "total_seconds": self._total_seconds,
+                         "frames": self._frames},
+            "cache": self.cache.state_dict(), "decoder": state_fn(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output (a fresh session of the same generator and cache kind)."""
+        from .errors import SnapshotError
+        if state["cache_kind"] != self.cache_kind:
+            raise SnapshotError(f"snapshot holds a {state['cache_kind']!r} session, not {self.cache_kind!r}")
+        device = self.gen.device
+        self.seed, self.prompt, self.chunk_index = int(state["seed"]), state["prompt"], int(state["chunk_index"])
+        self._pending, self._pending_reset = state["pending"], state["pending_reset"]
+        self._text = state["text"].to(device)
+        blend = state["blend"]
+        if blend is not None:
+            blend = {**blend, "from": blend["from"].to(device), "to": blend["to"].to(device)}
+            if state["blend"]["to"] is state["text"]:
+                blend["to"] = self._text
+        self._blend = blend
+        self._prompt_ctx = self.gen.model.embed_text(self._text)
+        self._rng.set_state(state["rng"])
+        c = state["counters"]
+        self._last_seconds, self._total_seconds, self._frames = c["last_seconds"], c["total_seconds"], c["frames"]
+        self.cache.load_state_dict(state["cache"])
+        load = getattr(self.decoder, "load_state_dict", None)
+        if load is None:
+            raise SnapshotError(f"snapshots do not support the {type(self.decoder).__name__} decoder yet")
+        load(state["decoder"])
 
 
 # ---- shipped weights ----------------------------------------------------------------------------------------

@@ -57,3 +57,11 @@ class BlockImportance:
         if protect is not None:
             total[protect] = float("inf")
         return int(torch.argmin(total))
+
+    # ---- snapshots (packcache/snapshot.py): every field that decides a future selection or eviction
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        from .snapshot import assign
+        assign(self.value, state["value"], "importance.value")

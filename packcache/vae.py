@@ -201,6 +201,23 @@ class StreamingDecoder:
         self._first = False
         return torch.clamp(out, -1.0, 1.0).float()
 
+    # ---- snapshots (packcache/snapshot.py) ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The causal conv cache (per conv: None, the marker "Rep", or the last frames' features) and `first`."""
+        if self._closed or self._cache is None:
+            raise RuntimeError("StreamingDecoder is closed")
+        return {"first": self._first, "cache": list(self._cache)}
+
+    def load_state_dict(self, state: dict) -> None:
+        from .errors import SnapshotError
+        cache = state["cache"]
+        if len(cache) != self._vae._dec_convs:
+            raise SnapshotError(f"snapshot decoder state has {len(cache)} conv caches; this VAE has "
+                                f"{self._vae._dec_convs}")
+        v = self._vae
+        self._cache = [c.to(v.device) if isinstance(c, torch.Tensor) else c for c in cache]
+        self._first = bool(state["first"])
+
 
 def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor, cache: list[Any] | None = None,
                      first: bool = True) -> torch.Tensor:

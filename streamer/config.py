@@ -31,6 +31,9 @@ class ServerConfig:
     # Seconds a session survives a lost websocket (not a clean close) so the client can resume it with
     # ?resume=<session>&key=<resume_key> (same cache and position; a new peer connection). 0: ended at once.
     reconnect_grace: float = 0.0
+    # Where live sessions are saved on shutdown (SIGTERM) and restored from on start, so a client resuming with
+    # its session id and key continues its stream across a restart. Needs reconnect_grace > 0. None: off.
+    state_dir: str | None = None
     record_dir: str | None = "recordings"  # where `record` writes MP4 files; None disables recording
     record_all: bool = False              # start recording every session as soon as it opens
     # torch intra-op threads of the device worker thread when generating on the CPU. None: one less than the
@@ -66,5 +69,7 @@ class ServerConfig:
             raise ValueError("cpu_threads must be >= 0")
         if self.reconnect_grace < 0:
             raise ValueError("reconnect_grace must be >= 0 seconds")
+        if self.state_dir is not None and not (self.state_dir and self.reconnect_grace > 0):
+            raise ValueError("state_dir needs a directory and reconnect_grace > 0 (clients resume within the grace)")
         if self.record_all and not self.record_dir:
             raise ValueError("record_all needs a record_dir")

@@ -40,6 +40,7 @@ from websockets.http11 import Request, Response
 from . import protocol as P
 from .config import ServerConfig
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
+from .persist import SessionStore
 from .recorder import Mp4Recorder
 from .scheduler import DeviceWorker
 from .session import StreamSession
@@ -72,6 +73,7 @@ class StreamServer:
         self._lag: deque[tuple[float, float]] = deque()
         self._closing = False
         self.port: int | None = None
+        self.state = SessionStore(config.state_dir) if config.state_dir else None   # --state-dir
 
     # ---- lifecycle
 
@@ -108,6 +110,8 @@ class StreamServer:
 
     async def warm_up(self) -> float:
         seconds = await self.worker.run("server", self.generator.warmup, urgent=True)
+        if self.state is not None:           # sessions saved by the last shutdown wait for their clients
+            await self.state.restore_all(self)
         self.ready = True
         log.info("model %s warm (%.2f s); ready", self.generator.preset.name, seconds)
         return seconds
@@ -118,8 +122,11 @@ class StreamServer:
             return
         self._closing = True
         self.ready = False
+        saved = await self.state.park_all(self) if self.state is not None else set()
         for client in list(self.clients.values()):
-            await client.send_error("shutting_down", "the server is shutting down", fatal=True)
+            await client.send_error("shutting_down", "the server is restarting; your session is saved: resume it "
+                                    "(same session and key) once the server is back" if client.sid in saved
+                                    else "the server is shutting down", fatal=True)
         if self._ws_server is not None:
             self._ws_server.close(code=P.CLOSE_GOING_AWAY, reason="server shutting down")
             await self._ws_server.wait_closed()      # every handler has returned: sessions are freed
@@ -267,7 +274,7 @@ class StreamServer:
         try:
             self._check_access(ws.request)
             client = self._resumable(ws.request)
-            if client is None:
+            if client is None or self._closing:
                 self._check_capacity()
         except Refused as r:
             self.metrics.rejected.inc(reason=r.code)
@@ -357,6 +364,8 @@ class ClientConnection:
             self._expiry.cancel()
         self.ws, self.detached_at, self.last_activity = ws, None, time.monotonic()
         log.info("session %s resumed by %s", self.sid, ws.remote_address)
+        if self.server.state is not None:      # restored from the state dir: the file has served its purpose
+            self.server.state.discard(self.sid)
         try:
             await self._serve(resumed=True)
         except ConnectionClosed:

@@ -94,6 +94,8 @@ class StreamSession:
         self._epoch = 0                  # bumped by reset: chunks generated before it are dropped
         self.paused = False
         self.closed = False
+        self._hold = False               # a snapshot is being taken: generate nothing more
+        self._generating = False         # a chunk job is out (until its frames are in the buffer)
         self.error: str | None = None
         # what is generated / what is on screen
         self.prompt = prompt             # prompt of the latest generated chunk
@@ -186,7 +188,7 @@ class StreamSession:
     # ---- producer
 
     def _room(self) -> bool:
-        return self.closed or (not self.paused and len(self._buffer) < self.chunks_ahead)
+        return self.closed or (not self.paused and not self._hold and len(self._buffer) < self.chunks_ahead)
 
     async def _produce(self) -> None:
         gs = self._gs
@@ -203,12 +205,16 @@ class StreamSession:
                 if self.closed:
                     return
                 epoch, submitted = self._epoch, time.monotonic()
-                frames, info, seconds = await self._worker.run(self, generate)
-                if epoch != self._epoch or self.closed:
-                    continue                 # a reset happened meanwhile: this chunk belongs to the old stream
-                latency = time.monotonic() - submitted
-                self._accept(np.ascontiguousarray(frames), info, seconds, latency)
-                self._changed.notify()
+                self._generating = True
+                try:
+                    frames, info, seconds = await self._worker.run(self, generate)
+                    if epoch != self._epoch or self.closed:
+                        continue             # a reset happened meanwhile: this chunk belongs to the old stream
+                    latency = time.monotonic() - submitted
+                    self._accept(np.ascontiguousarray(frames), info, seconds, latency)
+                finally:
+                    self._generating = False
+                    self._changed.notify()
         except asyncio.CancelledError:
             raise
         except Exception as exc:             # the engine failed: the server ends this session with an error
@@ -302,3 +308,55 @@ class StreamSession:
                 "partitions": info.get("partitions", {}),
             },
         }
+
+    # ---- snapshots (--state-dir: sessions outlive the server process)
+
+    async def snapshot(self, path: str, extra: dict | None = None):
+        """Write this session to `path` between chunks: the engine's state, the frames generated but not yet
+        played and this object's own state (prompts, pause). Generation stops for good (`_hold`): the caller is
+        shutting down or moving the session. The write runs on the device worker, never on the event loop."""
+        import torch
+
+        self._hold = True
+        self._changed.notify()
+        await self._changed.wait_for(lambda: not self._generating)   # the chunk in flight lands in the buffer
+        gs = self._live()
+        chunks = [c for c in self._buffer if c.left]
+        tensors = {"frames": torch.from_numpy(np.concatenate([c.frames[c.pos:] for c in chunks]))} if chunks else {}
+        if self._last_frame is not None:
+            tensors["last_frame"] = torch.from_numpy(np.ascontiguousarray(self._last_frame))
+        stream = {
+            "buffer": [{"index": c.index, "frames": c.left, "prompt": c.prompt} for c in chunks],
+            "prompt": self.prompt, "requested_prompt": self.requested_prompt, "pending": self._pending,
+            "paused": self.paused, "seed": self._seed, "frames_generated": self.frames_generated,
+            "playing_chunk": self.playing_chunk, "playing_prompt": self.playing_prompt,
+        }
+        return await self._worker.run(
+            self, lambda: gs.snapshot(path, extra={**(extra or {}), "stream": stream}, extra_tensors=tensors),
+            urgent=True)
+
+    async def restore(self, path: str):
+        """Instead of `open()`: continue the session saved at `path` (unplayed frames first). Returns its
+        SnapshotInfo; raises the engine's SnapshotError for a file this generator cannot continue."""
+        from packcache import restore_with_extra
+
+        gen = self._generator
+        gs, info, tensors = await self._worker.run(self, lambda: restore_with_extra(gen, path), urgent=True)
+        self._gs = gs
+        self.opened_at = time.monotonic()
+        st = info.extra.get("stream", {})
+        self.chunk_index = gs.chunk_index
+        self.prompt, self.requested_prompt = st.get("prompt", gs.prompt), st.get("requested_prompt", gs.prompt)
+        self._pending = [(int(e), str(t)) for e, t in st.get("pending", [])]
+        self.paused = bool(st.get("paused", False))
+        self._seed = st.get("seed", gs.seed)
+        self.frames_generated = int(st.get("frames_generated", 0))
+        self.playing_chunk, self.playing_prompt = st.get("playing_chunk"), st.get("playing_prompt")
+        frames = tensors["frames"].numpy() if "frames" in tensors else None
+        start = 0
+        for c in st.get("buffer", []):
+            self._buffer.append(_Chunk(int(c["index"]), frames[start:start + int(c["frames"])], c["prompt"]))
+            start += int(c["frames"])
+        if "last_frame" in tensors:
+            self._last_frame = tensors["last_frame"].numpy()
+        return info
