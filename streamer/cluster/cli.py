@@ -44,6 +44,8 @@ async def serve_cluster(args, config, make_factory: Callable[[Any], Callable[[],
         get_preset(args.preset)
 
     cluster = cluster_config_from_args(args)
+    if config.state_dir:
+        log.warning("--state-dir is not used with --cluster: drained sessions move between workers instead")
     if config.reconnect_grace == 0:     # moves off a drained worker are resumes: keep sessions a while
         config = replace(config, reconnect_grace=30.0)
     door = FrontDoor(config, cluster, ArgsFactory(make_factory, args), log_level=args.log_level.upper())

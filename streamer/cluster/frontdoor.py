@@ -94,7 +94,9 @@ class FrontDoor(StreamServer):
         self.cluster = cluster
         self.factory = factory                    # builds the generator, on the worker
         self._secret = secrets.token_urlsafe(24)  # workers accept only the front door
-        self.worker_config = replace(worker_config or config, token=self._secret, allowed_origins=())
+        wc = worker_config or config             # moves and resumes need sessions to wait for their client a while
+        self.worker_config = replace(wc, token=self._secret, allowed_origins=(), state_dir=None,
+                                     reconnect_grace=wc.reconnect_grace or 30.0)
         self.log_level = log_level
         self.views: dict[str, WorkerView] = {}
         self.routes: dict[str, Route] = {}        # session id -> the worker holding it
@@ -356,8 +358,8 @@ class FrontDoor(StreamServer):
                 ended += 1
                 self.cmetrics.moved.inc(outcome="new_session")
                 self.routes.pop(relay.sid, None)
-                await relay.leave("moved", "this worker is being drained; reconnect for a new session "
-                                  "(session moves need snapshot support on the workers)")
+                await relay.leave("moved", "this worker is being drained and the session could not be moved "
+                                  "(no free slot elsewhere, or the move failed); reconnect for a new session")
         await self.refresh([v])
         relayed = {r.sid for r in self.relays if r.view is v}
         for sid in (v.status or {}).get("sids", []):   # detached sessions (client away): moved, nobody to tell
@@ -378,8 +380,7 @@ class FrontDoor(StreamServer):
         through Ray's object store, worker to worker). None: not moved (no snapshots, no room, or it failed)."""
         target = pick([v for v in self.views.values() if v is not source])
         route = self.routes.get(sid)
-        if target is None or route is None or not (source.status or {}).get("snapshots") \
-                or not target.status.get("snapshots"):
+        if target is None or route is None:
             return None
         token = target.reserve()
         try:

@@ -74,7 +74,6 @@ class StreamWorker:
         return self._bg.call(self._status(), 10.0)
 
     async def _status(self) -> dict:
-        from . import moves
         s = self.server
         gen = s.generator
         return {
@@ -84,7 +83,6 @@ class StreamWorker:
             "detached": sum(1 for c in s.clients.values() if c.detached_at is not None),
             "device": str(getattr(gen, "device", "")) if gen is not None else None,
             "preset": gen.preset.name if gen is not None and s.ready else None,
-            "snapshots": moves.supported(s),
         }
 
     def metrics(self) -> str:
@@ -106,12 +104,12 @@ class StreamWorker:
                 await c.stop()
         return len(clients)
 
-    def export_session(self, sid: str) -> dict:
-        """Snapshot a live session for a move (moves.export); the session stays paused here until it is ended."""
+    def export_session(self, sid: str) -> bytes:
+        """Snapshot a live session for a move (moves.export); it generates nothing more here until it is ended."""
         from . import moves
         return self._bg.call(moves.export(self.server, sid), 120.0)
 
-    def adopt_session(self, sid: str, resume_key: str | None, payload: dict) -> int:
+    def adopt_session(self, sid: str, resume_key: str | None, payload: bytes) -> int:
         """Continue a moved session here, waiting for its client's resume (moves.adopt)."""
         from . import moves
         return self._bg.call(moves.adopt(self.server, sid, resume_key, payload), 120.0)
