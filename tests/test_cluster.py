@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import signal
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -116,7 +117,9 @@ def cluster():
         yield bg
     finally:
         bg.stop()
+        left = ray.util.list_named_actors()          # the front door's close() kills its workers
         ray.shutdown()
+    assert not left, left
 
 
 @pytest.fixture
@@ -243,6 +246,8 @@ async def test_drain_moves_sessions_and_leaves_the_other_worker_alone(door):
         health = door.health()
         drained = next(w for w in health["workers"] if w["name"] == wa)
         assert drained["draining"] and drained["sessions"] == 0
+        tmp = tempfile.gettempdir()                  # the snapshot files of the move are gone (workers share /tmp)
+        assert not [n for n in os.listdir(tmp) if n.startswith(("move-", "adopt-"))]
     finally:
         await a.close()
         await b.close()

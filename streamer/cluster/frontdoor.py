@@ -341,39 +341,42 @@ class FrontDoor(StreamServer):
     # ---- drain
 
     async def drain(self, name: str) -> dict:
-        """Take no new sessions on `name` and move its sessions to other workers: each client is told
-        (`moved`, close 1012) and reconnects through the front door with its resume key."""
+        """Take no new sessions on `name` and move its sessions to other workers, all at once: each client is told
+        (`moved`, close 1012) and reconnects through the front door with its resume key. Sessions that cannot be
+        moved (no free slot elsewhere, or the move failed) are ended; their clients get a new session."""
         v = self.views[name]
         v.draining = True
         log.info("draining worker %s", name)
-        moved = ended = 0
-        for relay in [r for r in list(self.relays) if r.view is v and r.sid is not None]:
-            target = await self._move(relay.sid, v)
-            if target is not None:
-                moved += 1
-                self.cmetrics.moved.inc(outcome="moved")
-                await relay.leave("moved", f"this worker is being drained; the session continues on another "
+        relays = [r for r in list(self.relays) if r.view is v and r.sid is not None]
+
+        async def one(relay: Relay) -> bool:
+            if await self._move(relay.sid, v) is not None:
+                await relay.leave("moved", "this worker is being drained; the session continues on another "
                                   "worker: reconnect with your resume key")
-            else:
-                ended += 1
-                self.cmetrics.moved.inc(outcome="new_session")
-                self.routes.pop(relay.sid, None)
-                await relay.leave("moved", "this worker is being drained and the session could not be moved "
-                                  "(no free slot elsewhere, or the move failed); reconnect for a new session")
+                return True
+            self.routes.pop(relay.sid, None)
+            await relay.leave("moved", "this worker is being drained and the session could not be moved "
+                              "(no free slot elsewhere, or the move failed); reconnect for a new session")
+            return False
+
+        results = list(await asyncio.gather(*(one(r) for r in relays)))
         await self.refresh([v])
-        relayed = {r.sid for r in self.relays if r.view is v}
-        for sid in (v.status or {}).get("sids", []):   # detached sessions (client away): moved, nobody to tell
-            if sid not in relayed and sid in self.routes:
-                if await self._move(sid, v) is not None:
-                    moved += 1
-                    self.cmetrics.moved.inc(outcome="moved")
-        try:                                        # what is left (unmoved detached sessions) ends here
-            ended += await self._call(v.actor.end_sessions.remote(None), self.cluster.move_timeout)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("worker %s: ending its sessions failed: %r", name, exc)
+        relayed = {r.sid for r in relays}
+        detached = [sid for sid in (v.status or {}).get("sids", []) if sid not in relayed]   # client away
+        targets = await asyncio.gather(*(self._move(sid, v) for sid in detached))             # nobody to tell
+        leftover = [sid for sid, t in zip(detached, targets) if t is None]
+        if leftover:
+            try:
+                await self._call(v.actor.end_sessions.remote(leftover), self.cluster.move_timeout)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("worker %s: ending its sessions failed: %r", name, exc)
+        results += [t is not None for t in targets]
+        for ok in results:
+            self.cmetrics.moved.inc(outcome="moved" if ok else "new_session")
+        report = {"worker": name, "draining": True, "moved": sum(results), "ended": len(results) - sum(results)}
         await self.refresh([v])
-        log.info("worker %s drained: %d moved, %d ended", name, moved, ended)
-        return {"worker": name, "draining": True, "moved": moved, "ended": ended}
+        log.info("worker %s drained: %d moved, %d ended", name, report["moved"], report["ended"])
+        return report
 
     async def _move(self, sid: str, source: WorkerView) -> WorkerView | None:
         """Snapshot `sid` on `source` and adopt it on the worker with the most free slots (the snapshot travels
