@@ -51,8 +51,11 @@ async def serve_cluster(args, config, make_factory: Callable[[Any], Callable[[],
     door = FrontDoor(config, cluster, ArgsFactory(make_factory, args), log_level=args.log_level.upper())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    on_signals()
     try:
         await door.listen()
     except OSError as exc:
@@ -63,7 +66,7 @@ async def serve_cluster(args, config, make_factory: Callable[[Any], Callable[[],
           f"{door.url}healthz)", flush=True)
     status = 0
     try:
-        start = asyncio.create_task(_start(door))
+        start = asyncio.create_task(_start(door, on_signals))
         await asyncio.wait([start, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if start.done() and start.exception() is not None:
             print(f"run_server.py: error: {start.exception()}", file=sys.stderr)
@@ -79,6 +82,7 @@ async def serve_cluster(args, config, make_factory: Callable[[Any], Callable[[],
     return status
 
 
-async def _start(door) -> None:
+async def _start(door, on_signals: Callable[[], None]) -> None:
     await door.launch()
+    on_signals()          # again: Ray's core worker installed its own SIGTERM handler (a stack dump) meanwhile
     await door.wait_ready()

@@ -129,7 +129,8 @@ class FrontDoor(StreamServer):
                 ray.init(address=c.ray_address, namespace=c.namespace, log_to_driver=True)
             else:
                 import os
-                ray.init(num_cpus=max(os.cpu_count() or 1, int(c.workers * c.cpus_per_worker + 0.999)),
+                ray.init(address="local",           # a new instance, never one found in /tmp/ray or $RAY_ADDRESS
+                         num_cpus=max(os.cpu_count() or 1, int(c.workers * c.cpus_per_worker + 0.999)),
                          include_dashboard=False, namespace=c.namespace)
                 self._ray_started = True
         gpus = c.gpus_per_worker
