@@ -108,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--record-dir", default=d.record_dir,
                    help="where 'record' writes MP4 files; '' disables server-side recording")
     g.add_argument("--record-all", action="store_true", help="record every session from its start")
+    g = p.add_argument_group("cluster (needs Ray: pip install -e '.[cluster]'; see the README's operator section)")
+    g.add_argument("--cluster", choices=["ray"], default=None,
+                   help="serve through a front door on --port that admits each client to one of --workers Ray "
+                        "worker actors (each owns one device; --max-sessions is per worker)")
+    g.add_argument("--workers", type=int, default=2, help="worker actors to start (with --cluster)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster ('auto', HOST:6379 or ray://HOST:10001); default: start a local one")
+    g.add_argument("--worker-gpus", type=float, default=None,
+                   help="GPUs per worker (default: 1 if the Ray cluster has GPUs, else 0: CPU workers)")
+    g.add_argument("--worker-cpus", type=float, default=1.0,
+                   help="CPUs per worker (Ray reservation; also the torch threads of CPU workers)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -239,10 +250,16 @@ def main(argv=None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         config_from_args(args)                         # bad values fail before anything starts
+        if args.cluster:
+            from streamer.cluster.cli import cluster_config_from_args
+            cluster_config_from_args(args)
     except ValueError as exc:
         print(f"run_server.py: error: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.cluster:
+            from streamer.cluster.cli import serve_cluster
+            return asyncio.run(serve_cluster(args, config_from_args(args), generator_factory))
         return asyncio.run(serve(args))
     except SystemExit as exc:
         if isinstance(exc.code, str):

@@ -9,6 +9,7 @@
     recorder.py   fragmented-MP4 recording
     metrics.py    Prometheus text format
     client.py     StreamClient: a Python client (scripts, tests, bench.serve)
+    cluster/      many workers on Ray behind one front door (optional: needs the [cluster] extra)
 
 The wire protocol is documented in docs/protocol.md.
 """

@@ -42,6 +42,9 @@ ERROR_CODES = {
     "prompt_too_long": "the prompt is over limits.max_prompt_chars",
     "rate_limited": "too many messages (or prompts) per second; the message was dropped",
     "bad_sdp": "the offer could not be negotiated",
+    # sent by a cluster's front door (streamer/cluster); fatal, close 1012: reconnect with the resume key
+    "moved": "the session's worker is being drained; reconnect to continue elsewhere (fatal)",
+    "worker_lost": "the session's worker stopped; reconnect for a new session (fatal)",
     # sent by the server; fatal ones close the websocket
     "busy": "the server already runs --max-sessions sessions (fatal)",
     "starting": "the model is still loading or warming up (fatal)",

@@ -16,6 +16,8 @@ const READABLE = {
   rate_limited: "Too many requests; slow down a little.",
   prompt_too_long: "That prompt is too long.",
   lost: "Lost the connection to the server. Reconnecting…",
+  moved: "Moving your stream to another server…",
+  worker_lost: "The server running your stream stopped. Starting a new stream…",
 };
 
 const viewer = {
