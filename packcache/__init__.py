@@ -8,10 +8,12 @@ Public face:
 
 from .errors import PackCacheError, PresetError, PromptError, WeightsError
 from .presets import PRESETS, Preset, get_preset
+from .prompts import MAX_BLEND_CHUNKS, MAX_PROMPT_CHARS, validate_prompt
 
 __all__ = [
     "Generator", "GenerationSession", "PRESETS", "Preset", "get_preset",
     "PackCacheError", "PresetError", "PromptError", "WeightsError",
+    "MAX_BLEND_CHUNKS", "MAX_PROMPT_CHARS", "validate_prompt",
 ]
 
 
