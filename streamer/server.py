@@ -514,6 +514,10 @@ class ClientConnection:
 
     async def send_error(self, code: str, message: str, id: P.MessageId = None, fatal: bool = False) -> None:
         self.server.metrics.errors.inc(code=code)
+        if not fatal and self.ws is not None and self.ws.transport.get_write_buffer_size() > 0:
+            # the socket is full: the client does not read its answers (a flooder). Waiting here would stop us
+            # reading its messages, so its flood budget would never run out; the answer is dropped instead.
+            return
         await self.send(P.render_error(code, message, id, fatal))
 
     async def _push_stats(self) -> None:
@@ -571,7 +575,13 @@ class ClientConnection:
         log.warning("session %s: %s flooded (over %g messages/s or %d bytes/s); closed, address refused for %g s",
                     self.sid, address, lim.flood_rate, lim.flood_bytes_rate, lim.flood_cooldown)
         self.server.metrics.rejected.inc(reason="flood")
-        self.ws.close_timeout = 0.2                   # no long closing handshake for a client that will not read
+        if self.ws.transport.get_write_buffer_size() > 0:
+            # it does not read (the socket is full): no error or close frame would arrive, and writing one could
+            # wait forever. Drop the connection now (its handler then frees the session as for any disconnect).
+            self.failing = True
+            self.ws.transport.abort()
+            return
+        self.ws.close_timeout = 0.2                   # no long closing handshake for a flooder
         await self.fail("rate_limited", f"over {lim.flood_rate:g} messages or {lim.flood_bytes_rate} bytes per "
                         f"second; connection closed, new ones refused for {lim.flood_cooldown:g} s",
                         P.CLOSE_POLICY)
