@@ -73,7 +73,12 @@ def main(argv=None) -> int:
     ap.add_argument("--caches", nargs="+", default=["packed", "window", "full"])
     ap.add_argument("--no-vae-row", action="store_true",
                     help="add a row for the window cache without VAE decode: where the time goes")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for --device cpu (default: cores - 1, see packcache/threads.py)")
     args = ap.parse_args(argv)
+    if args.device == "cpu":
+        from packcache.threads import set_threads
+        set_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     gen = Generator.from_preset(random_weights_preset(args.preset), device=args.device, dtype=dtype,
                                 compression=args.compression)
