@@ -52,9 +52,9 @@ log = logging.getLogger(__name__)
 
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 _OFFER_TIMEOUT = 15.0   # seconds for setRemoteDescription + ICE gathering + createAnswer
+_TARPIT = 2.0           # seconds a refused flooder's reconnect waits for its 429
 # Headers a request may carry once: two Origins or Authorizations make every check ambiguous (and raised
 # MultipleValuesError in the check), two Hosts are request smuggling. The request is refused with 400.
-_TARPIT = 2.0           # seconds a refused flooder's reconnect waits for its 429
 _SINGLE_HEADERS = ("Host", "Origin", "Authorization", "Sec-WebSocket-Key", "Sec-WebSocket-Version")
 
 
@@ -118,9 +118,10 @@ class StreamServer:
 
     async def warm_up(self) -> float:
         seconds = await self.worker.run("server", self.generator.warmup, urgent=True)
-        # Everything alive now (the model, torch, aiortc, their modules: ~500k objects) lives as long as the process.
-        # Frozen, a full garbage collection skips it: measured 1-1.7 s full-collection pauses of the event loop
-        # (every viewer stalls) became milliseconds, and a client flooding allocations can no longer trigger them.
+        # Everything alive now (the model, torch, aiortc, their modules) lives as long as the process. Frozen, a
+        # full garbage collection skips it: in the test process (~500k objects, loaded machine) full collections
+        # stalled the event loop 1-1.7 s each (every viewer froze); frozen, under 0.1 s. A client flooding
+        # allocations could otherwise trigger them at will.
         gc.collect()
         gc.freeze()
         self.ready = True
