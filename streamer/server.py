@@ -582,7 +582,9 @@ class ClientConnection:
             self.failing = True
             self.ws.transport.abort()
             return
-        self.ws.close_timeout = 0.2                   # no long closing handshake for a flooder
+        self.ws.close_timeout = 0.2                   # no long closing handshake for a flooder...
+        # ...and none at all if writing the close frame itself waits on a full socket
+        asyncio.get_running_loop().call_later(0.5, self.ws.transport.abort)
         await self.fail("rate_limited", f"over {lim.flood_rate:g} messages or {lim.flood_bytes_rate} bytes per "
                         f"second; connection closed, new ones refused for {lim.flood_cooldown:g} s",
                         P.CLOSE_POLICY)

@@ -30,12 +30,13 @@ FRAMES_DECODED = """async () => {
 }"""
 
 
-def decoded_over(page, seconds):
-    """Frames decoded in the page over about `seconds` of the test's own time: sampled every 0.25 s and summed
-    step by step, so a counter that restarts (a new peer connection) does not read as a negative or a zero."""
+def decoded_over(page, seconds, want, timeout=60.0):
+    """Frames decoded in the page over at least `seconds` of the test's own time, and on until `want` frames (a
+    loaded machine may stall for seconds). Sampled every 0.25 s and summed step by step, so a counter that
+    restarts (a new peer connection) does not read as a negative or a zero."""
     total, prev = 0, page.evaluate(FRAMES_DECODED)
     t0 = time.monotonic()
-    while time.monotonic() - t0 < seconds:
+    while (time.monotonic() - t0 < seconds or total < want) and time.monotonic() - t0 < timeout:
         time.sleep(0.25)
         n = page.evaluate(FRAMES_DECODED)
         total += n - prev if n >= prev else n
@@ -59,9 +60,9 @@ def test_viewer_decodes_video_and_acknowledges_a_typed_prompt(tiny_generator):
             # The page decodes what the server sends: compared with the server's own count over the same window,
             # since on a loaded machine both may run below 16 FPS (the server's pacing is test_streamer_server's)
             sent0 = bg.server.metrics.frames_sent.value()
-            decoded, seconds = decoded_over(page, 3.0)
+            decoded, seconds = decoded_over(page, 3.0, want=24)
             sent = bg.server.metrics.frames_sent.value() - sent0
-            assert decoded >= 8 and decoded >= 0.6 * sent, (decoded, sent, seconds)
+            assert decoded >= 24 and decoded >= 0.6 * sent, (decoded, sent, seconds)
 
             # the stats sit under the video, not on it
             video, stats = page.locator("#video").bounding_box(), page.locator("#overlay").bounding_box()
