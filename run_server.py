@@ -22,7 +22,8 @@ class _Parser(argparse.ArgumentParser):
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):              # "(default: X)" unless the help already says it
-        if "default:" in (action.help or "") or action.default in (None, [], False):
+        if "default:" in (action.help or "") or action.default is None or action.default is False \
+                or action.default == []:                 # identity: 0 and 0.0 are defaults worth showing
             return action.help
         return super()._get_help_string(action)
 
@@ -52,11 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for every interface)")
     g.add_argument("--port", type=int, default=d.port, help="HTTP + websocket port")
     g.add_argument("--token", default=os.environ.get("PACKFORCING_TOKEN"),
-                   help="require this token from clients (?token= or Authorization: Bearer); "
-                        "default: $PACKFORCING_TOKEN, else none")
+                   help="require this token from clients (?token= or Authorization: Bearer); never printed; "
+                        "prefer $PACKFORCING_TOKEN or --token-file (a command line is visible to every local "
+                        "user); default: $PACKFORCING_TOKEN, else none")
+    g.add_argument("--token-file", default=None, metavar="FILE",
+                   help="read the token from this file's first line (instead of --token)")
+    g.add_argument("--metrics-need-token", action="store_true",
+                   help="/metrics asks for the token too (/healthz stays open for load balancers)")
     g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow pages from this origin (e.g. https://example.com) to connect; repeatable; "
-                        "'*' allows any; default: same origin only")
+                        "'*' allows any; default: only the addresses the server listens on (scheme, host and "
+                        "port compared)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=None,
                    help="model preset (default: 'toy' if installed, else 'tiny'); with --model-dir: the "
@@ -66,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu… (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
-    g.add_argument("--cpu-threads", type=int, default=None,
-                   help="torch CPU threads for generation (default: cores - 1, at least 1; 0: torch's default)")
+    g.add_argument("--threads", "--cpu-threads", dest="cpu_threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads for generation (default: cores - 1, at least 1, or $OMP_NUM_THREADS: "
+                        "with every core busy OpenMP spin-waits and chunks get 10-20x slower; see "
+                        "packcache/threads.py; 0: torch's default)")
     g.add_argument("--cache", default=d.cache, choices=["packed", "window", "full"], help="KV cache policy")
     g.add_argument("--decoder", default="wan", choices=["wan", "taehv"],
                    help="frame decoder: the full Wan VAE, or a TAEHV tiny streaming decoder (fast; needs "
@@ -119,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs per worker (default: 1 if the Ray cluster has GPUs, else 0: CPU workers)")
     g.add_argument("--worker-cpus", type=float, default=1.0,
                    help="CPUs per worker (Ray reservation; also the torch threads of CPU workers)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log detail (debug also shows aiortc/websockets and tracebacks)")
     return p
 
 
@@ -131,12 +141,51 @@ def config_from_args(args):
 
     return ServerConfig(
         host=args.host, port=args.port, max_sessions=args.max_sessions, max_batch=args.max_batch, token=args.token,
+        metrics_need_token=args.metrics_need_token,
         allowed_origins=tuple(args.allowed_origin), default_prompt=args.prompt, default_seed=args.seed,
         cache=args.cache, cpu_threads=args.cpu_threads, chunks_ahead=args.chunks_ahead,
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout, reconnect_grace=args.reconnect_grace, state_dir=args.state_dir,
         record_dir=args.record_dir or None, record_all=args.record_all,
         limits=replace(Limits(), idle_timeout=args.idle_timeout))
+
+
+def read_token(args) -> None:
+    """--token-file -> args.token (one line; surrounding whitespace dropped)."""
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                args.token = f.readline().strip()
+        except OSError as exc:
+            raise SystemExit(f"run_server.py: error: --token-file {args.token_file}: {exc.strerror or exc}")
+        if not args.token:
+            raise SystemExit(f"run_server.py: error: --token-file {args.token_file} is empty")
+
+
+def preflight(args, config) -> None:
+    """Everything that can be checked before a model loads, each failing in one line (SystemExit): the port is
+    free, the device exists, the model folder is complete. Seconds, not a model load."""
+    import socket
+
+    from packcache import PackCacheError
+    from packcache.checks import check_checkpoint, check_device, check_model_dir
+
+    if config.port:
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server binds (TIME_WAIT ok)
+                s.bind((config.host, config.port))
+        except OSError as exc:
+            raise SystemExit(f"run_server.py: error: cannot listen on {config.host}:{config.port}: "
+                             f"{exc.strerror or exc}")
+    try:
+        if args.model_dir:
+            check_model_dir(args.model_dir)
+            check_checkpoint(args.checkpoint)
+        check_device(args.device)
+    except PackCacheError as exc:
+        raise SystemExit(f"run_server.py: error: {exc}")
 
 
 def generator_factory(args):
@@ -233,8 +282,10 @@ async def serve(args) -> int:
         print(f"run_server.py: error: could not load the model: {exc}", file=sys.stderr)
         return 1
     if not stop.is_set():
-        url = server.url + (f"?token={config.token}" if config.token else "")
-        print(f"ready: open {url} in a browser  (Ctrl+C stops)", flush=True)
+        url = server.url + ("?token=<token>" if config.token else "")   # the token itself is never printed
+        where = ("  (the token is the one set with --token, --token-file or $PACKFORCING_TOKEN)"
+                 if config.token else "")
+        print(f"ready: open {url} in a browser  (Ctrl+C stops){where}", flush=True)
         await stop.wait()
     print("shutting down…", flush=True)
     load.cancel()
@@ -249,12 +300,17 @@ def main(argv=None) -> int:
         for noisy in ("aioice", "aiortc", "websockets"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        config_from_args(args)                         # bad values fail before anything starts
+        read_token(args)
+        config = config_from_args(args)                # bad values fail before anything starts
         if args.cluster:
             from streamer.cluster.cli import cluster_config_from_args
             cluster_config_from_args(args)
+        preflight(args, config)
     except ValueError as exc:
         print(f"run_server.py: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        print(exc.code, file=sys.stderr)
         return 2
     try:
         if args.cluster:

@@ -92,8 +92,10 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoints", type=int, nargs="+", default=[10, 100, 500])
     ap.add_argument("--window", type=int, default=9, help="chunks whose median is reported at each checkpoint")
     ap.add_argument("--plot", default="bench/results/cache.png")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: the three caches are compared at the same, steady setting)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads) if args.threads else None
     gen = Generator.from_preset(args.preset, device="cpu", compression="pool")
     results = measure(gen, sorted(args.checkpoints), args.window)
     print(format_table(results, sorted(args.checkpoints)))

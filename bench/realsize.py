@@ -191,7 +191,12 @@ def main(argv=None) -> int:
                     help="time budget for the whole run: rows stop early (and say so) once it is spent")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), metavar="DIR",
                     help="where realsize_<device>.log and .json go (default: bench/results/)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for --device cpu (default: cores - 1, see packcache/threads.py)")
     args = ap.parse_args(argv)
+    if args.device == "cpu":
+        from packcache.threads import set_threads
+        set_threads(args.threads)
     if args.chunks < 2:
         ap.error("--chunks must be at least 2")
     started = time.perf_counter()

@@ -55,12 +55,14 @@ def healthz(url: str) -> dict | None:
         return None
 
 
-def start_server(preset: str, port: int, max_sessions: int,
-                 max_batch: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(preset: str, port: int, max_sessions: int, max_batch: int | None = None,
+                 threads: int | None = None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, str(ROOT / "run_server.py"), "--preset", preset, "--port", str(port),
            "--max-sessions", str(max_sessions), "--record-dir", "", "--log-level", "warning", "--device", "cpu"]
     if max_batch is not None:
         cmd += ["--max-batch", str(max_batch)]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"
     end = time.monotonic() + 300
@@ -164,10 +166,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--max-batch", type=int, default=None,
                    help="the server's --max-batch (1: one session per device step, as before batching)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="the server's torch CPU threads (default: the server's own, cores - 1)")
     args = p.parse_args(argv)
 
     load0 = os.getloadavg()[0]
-    proc, url = start_server(args.preset, free_port(), max(args.clients), args.max_batch)
+    proc, url = start_server(args.preset, free_port(), max(args.clients), args.max_batch, args.threads)
     rows = []
     try:
         for n in args.clients:

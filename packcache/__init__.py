@@ -10,12 +10,14 @@ Public face:
 
 from .errors import PackCacheError, PresetError, PromptError, SnapshotError, WeightsError
 from .presets import PRESETS, Preset, get_preset
+from .prompts import MAX_BLEND_CHUNKS, MAX_PROMPT_CHARS, validate_prompt
 
 __all__ = [
     "Generator", "GenerationSession", "PRESETS", "Preset", "get_preset",
     "PackCacheError", "PresetError", "PromptError", "WeightsError",
     "SnapshotError", "SnapshotInfo", "snapshot_info", "snapshot_tensors", "restore_with_extra",
     "SNAPSHOT_SUFFIX",
+    "MAX_BLEND_CHUNKS", "MAX_PROMPT_CHARS", "validate_prompt",
 ]
 
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checks import check_checkpoint, check_device, check_model_dir
 from .errors import PackCacheError
+from .prompts import validate_prompt
+from .threads import check_threads, default_threads, set_threads
 
 log = logging.getLogger("packcache.generate")
 
@@ -39,9 +43,18 @@ def parse_switch(spec: str) -> PromptSwitch:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--switch {spec!r}: {head!r} is not a number of seconds") from None
     text, transition = rest, "cut"
-    for t in ("cut", "recache", "blend"):
-        if rest.endswith(":" + t):
-            text, transition = rest[: -len(t) - 1], t
+    head, sep, last = rest.rpartition(":")
+    if sep and last in ("cut", "recache", "blend"):
+        text, transition = head, last
+    elif sep and re.fullmatch(r"[A-Za-z_-]+", last.strip()):
+        # 'SECONDS:PROMPT:wobble' is a mistyped transition far more often than a prompt ending in ':word'
+        raise argparse.ArgumentTypeError(
+            f"--switch {spec!r}: unknown transition {last!r} (cut, recache or blend); to keep a ':' in the "
+            "prompt, end the switch with ':cut'")
+    try:
+        text = validate_prompt(text)
+    except PackCacheError as exc:
+        raise argparse.ArgumentTypeError(f"--switch {spec!r}: {exc}") from None
     return PromptSwitch(at, text, transition)
 
 
@@ -88,14 +101,8 @@ def run(args) -> Path:
     import av  # before building the model: fail early if missing
     from tqdm import tqdm
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".mp4":
-        raise PackCacheError(f"--out must end in .mp4, got {out.name}")
-    if args.seconds <= 0:
-        raise PackCacheError("--seconds must be positive")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.decoder == "taehv" and not args.decoder_weights:
-        raise PackCacheError("--decoder taehv needs --decoder-weights FILE (taew2_1.pth, downloaded yourself)")
+    out = check_args(args)
+    set_threads(args.threads)
     gen = build_generator(args)
     if args.decoder != "wan":
         gen.use_decoder(args.decoder, args.decoder_weights)
@@ -134,17 +141,61 @@ def run(args) -> Path:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                    # one clear line, no usage dump (as run_server.py)
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):          # "(default: X)" unless the help already says it or X is None
+        if "default:" in (action.help or "") or action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def check_args(args) -> Path:
+    """Every check that needs no model, before loading one: each mistake is one line (PackCacheError)."""
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        raise PackCacheError(f"--out must end in .mp4, got {out.name}")
+    if not out.parent.is_dir():
+        raise PackCacheError(f"--out {out}: the directory {out.parent} does not exist")
+    if not math.isfinite(args.seconds) or args.seconds <= 0:
+        raise PackCacheError("--seconds must be a positive number")
+    validate_prompt(args.prompt)
+    for s in args.switch or []:
+        if not 0 <= s.at_seconds < args.seconds:
+            raise PackCacheError(f"--switch at {s.at_seconds:g} s is outside the video (0 to {args.seconds:g} s; "
+                                 "see --seconds)")
+    try:
+        check_threads(args.threads)
+    except ValueError as exc:
+        raise PackCacheError(str(exc)) from None
+    if args.model_dir:
+        check_model_dir(args.model_dir)
+        check_checkpoint(args.checkpoint)
+    elif args.checkpoint:
+        raise PackCacheError("--checkpoint needs --model-dir (the diffusers folder with the VAE and text encoder)")
+    check_device(args.device)
+    if args.decoder == "taehv" and not args.decoder_weights:
+        raise PackCacheError("--decoder taehv needs --decoder-weights FILE (taew2_1.pth, downloaded yourself)")
+    if args.decoder_weights and not Path(args.decoder_weights).is_file():
+        raise PackCacheError(f"--decoder-weights {args.decoder_weights}: no such file")
+    return out
+
+
 def make_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m packcache.generate", description="Generate a video file.")
+    ap = _Parser(prog="python -m packcache.generate", description="Generate a video file.",
+                 formatter_class=_Formatter)
     ap.add_argument("--preset", help="named preset (default: toy when shipped, else tiny); see packcache.presets")
     ap.add_argument("--model-dir", help="diffusers-format Wan2.1-T2V folder (real weights)")
     ap.add_argument("--checkpoint", help="Self-Forcing-style generator checkpoint (.pt/.safetensors)")
-    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--prompt", required=True, help="what the video shows")
     ap.add_argument("--switch", action="append", type=parse_switch, metavar="SECONDS:PROMPT[:TRANSITION]",
                     help="change the prompt at a time; repeatable")
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", choices=("packed", "window", "full"), default="packed")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of the video")
+    ap.add_argument("--seed", type=int, default=0, help="noise seed")
+    ap.add_argument("--cache", choices=("packed", "window", "full"), default="packed", help="KV cache policy")
     ap.add_argument("--compression", choices=("hr+lr", "hr", "lr", "pool"), help="override the mid compressor")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--decoder", choices=("wan", "taehv"), default="wan",
@@ -153,8 +204,12 @@ def make_parser() -> argparse.ArgumentParser:
                     help="TAEHV checkpoint in the taew2_1 layout (taew2_1.pth, lighttaew2_1.safetensors; "
                          "a user download)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    ap.add_argument("--out", default="video.mp4")
-    ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--out", default="video.mp4", help="output file (.mp4; its directory must exist)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help=f"torch CPU threads (default: cores - 1, at least 1, or $OMP_NUM_THREADS: here "
+                         f"{default_threads()}; all cores make OpenMP spin-wait on a shared machine, see "
+                         "packcache/threads.py; 0: torch's default)")
+    ap.add_argument("--log-level", default="WARNING", help="logging level")
     return ap
 
 
@@ -172,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug, but still one line (--log-level DEBUG shows the traceback)
+        log.debug("fatal", exc_info=True)
+        print(f"error: {type(e).__name__}: {e} (--log-level DEBUG shows where)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -37,6 +37,7 @@ from .errors import PackCacheError, PresetError, PromptError, WeightsError
 from .model import CausalWanModel, PromptContext
 from .pipeline import FinishWorker
 from .presets import Preset, get_preset
+from .prompts import MAX_BLEND_CHUNKS, MAX_PROMPT_CHARS, validate_blend_chunks, validate_prompt  # noqa: F401
 from .rope import grid_positions
 from .sampler import FlowSampler
 from .timing import StageClock
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 TRANSITIONS = ("cut", "recache", "blend")
 CACHE_KINDS = ("packed", "window", "full")
-MAX_PROMPT_CHARS = 2000
 
 
 def default_device() -> str:
@@ -55,17 +55,6 @@ def default_device() -> str:
 
 def _default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-
-
-def validate_prompt(text: object) -> str:
-    if not isinstance(text, str):
-        raise PromptError("prompt must be a string")
-    text = text.strip()
-    if not text:
-        raise PromptError("prompt is empty")
-    if len(text) > MAX_PROMPT_CHARS:
-        raise PromptError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
-    return text
 
 
 class Generator:
@@ -329,8 +318,8 @@ class GenerationSession:
         text = validate_prompt(text)
         if transition not in TRANSITIONS:
             raise PromptError(f"unknown transition {transition!r}; choose one of {', '.join(TRANSITIONS)}")
-        if transition == "blend" and not (isinstance(blend_chunks, int) and 1 <= blend_chunks <= 64):
-            raise PromptError("blend_chunks must be an integer from 1 to 64")
+        if transition == "blend":
+            validate_blend_chunks(blend_chunks)
         with self._lock:
             self._pending = {"text": text, "transition": transition, "blend_chunks": blend_chunks}
             return self.chunk_index + (1 if self._in_progress else 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .protocol import Limits
+from .protocol import Limits, ProtocolError, check_prompt_text
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web")
 
@@ -22,8 +22,9 @@ class ServerConfig:
     # None: every session whose next chunk is due. Smaller batches: lower chunk latency, less throughput.
     max_batch: int | None = None
     token: str | None = None              # when set, clients must send it (?token= or Authorization: Bearer)
-    # Origins allowed to open the websocket. Empty: only same-origin pages (Origin's host == Host header) and
-    # clients that send no Origin (scripts). "*" allows any origin.
+    metrics_need_token: bool = False      # /metrics asks for the token too (/healthz never does: load balancers)
+    # Origins allowed to open the websocket besides the server's own listening addresses (scheme, host and port
+    # compared; see streamer/access.py) and clients that send no Origin (scripts). "*" allows any origin.
     allowed_origins: tuple[str, ...] = ()
     default_prompt: str = DEFAULT_PROMPT  # what a new session generates until the viewer types something
     default_seed: int = 0
@@ -40,18 +41,19 @@ class ServerConfig:
     state_dir: str | None = None
     record_dir: str | None = "recordings"  # where `record` writes MP4 files; None disables recording
     record_all: bool = False              # start recording every session as soon as it opens
-    # torch intra-op threads of the device worker thread when generating on the CPU. None: one less than the
-    # cores (at least 1), so the event loop and the video encoder keep a core; with every core busy, OpenMP's
-    # spinning threads can make a chunk 10x slower. 0: leave torch's default. (Per thread: tests unaffected.)
+    # torch intra-op threads of the device worker thread when generating on the CPU (--threads). None:
+    # packcache.threads.default_threads() (cores - 1, at least 1: why is written there). 0: torch's default.
     cpu_threads: int | None = None
     web_dir: str = WEB_DIR
     limits: Limits = field(default_factory=Limits)
 
     def worker_threads(self) -> int:
         """torch CPU threads for the device worker (0: torch's default)."""
+        from packcache.threads import default_threads
+
         if self.cpu_threads is not None:
             return self.cpu_threads
-        return max(1, (os.cpu_count() or 2) - 1)
+        return default_threads()
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -79,5 +81,9 @@ class ServerConfig:
             raise ValueError("reconnect_grace must be >= 0 seconds")
         if self.state_dir is not None and not (self.state_dir and self.reconnect_grace > 0):
             raise ValueError("state_dir needs a directory and reconnect_grace > 0 (clients resume within the grace)")
+        try:
+            check_prompt_text(self.default_prompt, self.limits)
+        except ProtocolError as exc:
+            raise ValueError(f"the starting prompt: {exc.message}") from None
         if self.record_all and not self.record_dir:
             raise ValueError("record_all needs a record_dir")

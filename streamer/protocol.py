@@ -27,6 +27,8 @@ import unicodedata
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Union
 
+from packcache import MAX_BLEND_CHUNKS, MAX_PROMPT_CHARS, PromptError, validate_prompt
+
 PROTOCOL_VERSION = 1
 
 TRANSITIONS = ("cut", "recache", "blend")
@@ -40,7 +42,8 @@ ERROR_CODES = {
     "bad_value": "a field has the wrong type or an out-of-range value",
     "too_large": "the message is over limits.max_message_bytes",
     "prompt_too_long": "the prompt is over limits.max_prompt_chars",
-    "rate_limited": "too many messages (or prompts) per second; the message was dropped",
+    "rate_limited": "too many messages (or prompts) per second; the message was dropped. Fatal (the connection is "
+                    "closed and the address refused for limits.flood_cooldown s) past the flood budget",
     "bad_sdp": "the offer could not be negotiated",
     # sent by a cluster's front door (streamer/cluster); fatal, close 1012: reconnect with the resume key
     "moved": "the session's worker is being drained; reconnect to continue elsewhere (fatal)",
@@ -48,10 +51,10 @@ ERROR_CODES = {
     # sent by the server; fatal ones close the websocket
     "busy": "the server already runs --max-sessions sessions (fatal)",
     "starting": "the model is still loading or warming up (fatal)",
-    "unauthorized": "missing or wrong token (fatal)",
+    "unauthorized": "missing or wrong token, or too many wrong tokens from this address (fatal)",
     "forbidden_origin": "the page's Origin is not allowed (fatal)",
-    "idle_timeout": "no media connection and no message for limits.idle_timeout seconds (fatal)",
-    "connection_failed": "the WebRTC connection failed (fatal)",
+    "idle_timeout": "no connected video for limits.idle_timeout seconds (fatal); messages do not hold a slot",
+    "connection_failed": "the WebRTC connection failed or did not connect within limits.connect_timeout (fatal)",
     "shutting_down": "the server is stopping (fatal)",
     "internal": "an unexpected server error; the message says what failed",
 }
@@ -88,7 +91,36 @@ class Limits:
     prompt_rate: float = _limit(2.0, "prompts per second, sustained: a new prompt only shows up chunk by chunk anyway")
     prompt_burst: int = _limit(5, "prompts accepted at once (typing several quick edits) before the rate applies")
     idle_timeout: float = _limit(
-        60.0, "seconds a session may hold a slot with no media connection and no message (Janus-style sweeper)")
+        30.0, "seconds a session may hold a slot without connected video (never offered, or its media was lost): "
+              "a slot is for watching; pings and prompts do not keep it (Janus-style sweeper)")
+    connect_timeout: float = _limit(
+        10.0, "seconds from an answer to a connected WebRTC link (ICE + DTLS take well under 5 s even through "
+              "TURN); past it the client gets connection_failed and the slot is freed")
+    flood_rate: float = _limit(
+        60.0, "messages per second, sustained, before the connection is closed (3x message_rate: a client "
+              "that keeps going past its rate_limited answers is flooding, and every message costs the "
+              "event loop that all viewers share)")
+    flood_burst: int = _limit(120, "messages at once before flood_rate applies (3x message_burst)")
+    flood_bytes_rate: int = _limit(
+        256 * 1024, "bytes per second, sustained, before the connection is closed (a person sends a few KB)")
+    flood_bytes_burst: int = _limit(2 * 1024 * 1024, "bytes at once before flood_bytes_rate applies")
+    flood_cooldown: float = _limit(
+        10.0, "seconds new connections from an address closed for flooding are refused (so reconnecting at "
+              "once does not restart the flood; clients behind one NAT share it)")
+    auth_failures: int = _limit(5, "wrong tokens an address may send at once before it is throttled")
+    auth_failure_interval: float = _limit(
+        10.0, "seconds per further wrong-token attempt after auth_failures (guessing drops to 0.1 tries/s)")
+
+    def __post_init__(self):
+        # the engine refuses what is over its own limits: the protocol must refuse it first, with its own error
+        if not 1 <= self.max_prompt_chars <= MAX_PROMPT_CHARS:
+            raise ValueError(f"max_prompt_chars must be in 1..{MAX_PROMPT_CHARS} (the engine's limit)")
+        if not 1 <= self.max_blend_chunks <= MAX_BLEND_CHUNKS:
+            raise ValueError(f"max_blend_chunks must be in 1..{MAX_BLEND_CHUNKS} (the engine's limit)")
+        if self.flood_burst < self.message_burst or self.flood_rate < self.message_rate:
+            raise ValueError("the flood budget must be at least the message rate and burst")
+        if self.flood_bytes_burst < self.max_message_bytes:
+            raise ValueError("flood_bytes_burst must hold at least one max_message_bytes message")
 
     def reasons(self) -> dict[str, str]:
         return {f.name: f.metadata["reason"] for f in fields(self)}
@@ -192,19 +224,31 @@ def _json_type(value) -> str:
             dict: "an object"}.get(type(value), type(value).__name__)
 
 
+# Embedding, override and isolate controls reorder how the rest of the line is shown (the viewer, logs): a prompt
+# could display as something other than what the model reads. The marks U+200E/U+200F/U+061C stay allowed.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def check_prompt_text(text: str, limits: Limits, mid: MessageId = None) -> str:
-    """Validate a prompt: non-empty after stripping, at most max_prompt_chars, no control characters."""
+    """Validate a prompt; returns it stripped. On top of the engine's rules (`packcache.validate_prompt`: valid
+    Unicode, something visible), no control characters or bidi overrides and at most max_prompt_chars. What
+    passes here encodes in every text encoder (tests/test_prompts.py fuzzes it through the real tokenizers)."""
     for pos, ch in enumerate(text):
         if unicodedata.category(ch) == "Cc" or ch in "\u2028\u2029":
             raise ProtocolError(
                 "bad_value", f"prompt contains control character U+{ord(ch):04X} at position {pos}", mid)
-    text = text.strip()
-    if not text:
-        raise ProtocolError("bad_value", "prompt is empty", mid)
-    if len(text) > limits.max_prompt_chars:
+        if ch in _BIDI_CONTROLS:
+            raise ProtocolError(
+                "bad_value", f"prompt contains bidi control U+{ord(ch):04X} at position {pos}", mid)
+    stripped = text.strip()
+    if len(stripped) > limits.max_prompt_chars:
         raise ProtocolError(
-            "prompt_too_long", f"prompt has {len(text)} characters; the limit is {limits.max_prompt_chars}", mid)
-    return text
+            "prompt_too_long", f"prompt has {len(stripped)} characters; the limit is {limits.max_prompt_chars}",
+            mid)
+    try:
+        return validate_prompt(text, limits.max_prompt_chars)
+    except PromptError as exc:
+        raise ProtocolError("bad_value", str(exc), mid) from None
 
 
 def parse_client_message(data: str | bytes, limits: Limits = Limits()) -> ClientMessage:
@@ -316,6 +360,26 @@ class MessageGate:
             raise ProtocolError("rate_limited", "too many messages; slow down", msg.id)
         if isinstance(msg, Prompt) and not self._prompts.allow(now):
             raise ProtocolError("rate_limited", "too many prompts per second; this one was dropped", msg.id)
+
+
+class FloodBudget:
+    """Per-connection cost budget, charged for every raw message *before* it is parsed or answered.
+
+    The MessageGate answers each message over its rate with `rate_limited`; answering still costs the shared event
+    loop, so a client that keeps sending far past that (limits.flood_*: messages and bytes) is closed instead:
+    its cost to everyone else is bounded by the budget, whatever rate it sends at."""
+
+    def __init__(self, limits: Limits, now: float):
+        self._messages = RateLimiter(limits.flood_rate, limits.flood_burst, now)
+        self._bytes = limits.flood_bytes_rate, limits.flood_bytes_burst
+        self._byte_tokens, self._last = float(limits.flood_bytes_burst), now
+
+    def charge(self, nbytes: int, now: float) -> bool:
+        """Count one message of `nbytes`; False once the connection is over its budget."""
+        rate, burst = self._bytes
+        self._byte_tokens = min(burst, self._byte_tokens + (now - self._last) * rate) - nbytes
+        self._last = now
+        return self._messages.allow(now) and self._byte_tokens >= 0
 
 
 # ---------------------------------------------------------------------------------------------- server messages

@@ -9,7 +9,9 @@ underrun and paused time are not recorded, so the file is the generated video it
 disconnects the server also writes the frames that were generated but not yet played, then closes the file:
 nothing generated is lost.
 
-Encoding runs on a thread of its own (one per recording), never on the event loop.
+Encoding runs on a thread of its own (one per recording), never on the event loop. Its queue is bounded
+(`queue_seconds` of video): an encoder that cannot keep up drops frames (counted in `dropped`, logged once)
+rather than growing memory without end; the final leftover frames are queued with waiting, off the loop.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ _STOP = object()
 
 
 class Mp4Recorder:
-    def __init__(self, path: str, fps: int, width: int, height: int, codec: str = "libx264"):
+    def __init__(self, path: str, fps: int, width: int, height: int, codec: str = "libx264",
+                 queue_seconds: float = 4.0):
         self.path, self.fps, self.width, self.height, self.codec = path, fps, width, height, codec
         self.frames = 0
+        self.dropped = 0                  # frames the encoder could not take in time (queue full)
         self.error: str | None = None
-        self._queue: queue.Queue = queue.Queue()
+        # a few seconds of frames: enough to ride out a slow encode, bounded (832x480 RGB: 1.2 MB a frame)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(queue_seconds * fps)))
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -58,8 +63,24 @@ class Mp4Recorder:
 
     def write(self, frame: np.ndarray) -> None:
         """Queue one (H, W, 3) uint8 frame. Cheap: encoding happens on the recorder's thread."""
-        if not self._closed:
-            self._queue.put(frame)
+        if self._closed:
+            return
+        try:
+            self._queue.put_nowait(frame)
+        except queue.Full:
+            if not self.dropped:
+                log.warning("recording %s: the encoder is behind; dropping frames", self.path)
+            self.dropped += 1
+
+    async def write_all(self, frames) -> None:
+        """Queue frames, waiting for room (on a thread, not the loop): the frames left when a session ends."""
+        if self._closed or not frames:
+            return
+
+        def put_all():
+            for f in frames:
+                self._queue.put(f)
+        await asyncio.to_thread(put_all)
 
     async def close(self) -> int:
         """Flush and finish the file; returns the number of frames written. Idempotent."""
@@ -67,8 +88,10 @@ class Mp4Recorder:
             return self.frames
         self._closed = True
         if self._thread is not None:
-            self._queue.put(_STOP)
-            await asyncio.to_thread(self._thread.join)
+            def finish():                 # the queue may be full: wait for room off the event loop
+                self._queue.put(_STOP)
+                self._thread.join()
+            await asyncio.to_thread(finish)
         return self.frames
 
     def _run(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import gc
 import hmac
 import http
 import json
@@ -32,12 +33,14 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.sdp import SessionDescription as ParsedSdp
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import protocol as P
+from .access import OriginPolicy, PenaltyBox, auth_throttle
 from .config import ServerConfig
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from .persist import SessionStore
@@ -50,6 +53,10 @@ log = logging.getLogger(__name__)
 
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 _OFFER_TIMEOUT = 15.0   # seconds for setRemoteDescription + ICE gathering + createAnswer
+_TARPIT = 2.0           # seconds a refused flooder's reconnect waits for its 429
+# Headers a request may carry once: two Origins or Authorizations make every check ambiguous (and raised
+# MultipleValuesError in the check), two Hosts are request smuggling. The request is refused with 400.
+_SINGLE_HEADERS = ("Host", "Origin", "Authorization", "Sec-WebSocket-Key", "Sec-WebSocket-Version")
 
 
 class Refused(Exception):
@@ -76,6 +83,9 @@ class StreamServer:
         self._closing = False
         self.port: int | None = None
         self.state = SessionStore(config.state_dir) if config.state_dir else None   # --state-dir
+        self.auth_failures = auth_throttle(config.limits)   # wrong tokens per address
+        self.penalty = PenaltyBox()                         # addresses closed for flooding, refused for a while
+        self._origins: tuple[tuple, OriginPolicy] | None = None
 
     # ---- lifecycle
 
@@ -127,6 +137,12 @@ class StreamServer:
             await self._size_admission()
         if self.state is not None:           # sessions saved by the last shutdown wait for their clients
             await self.state.restore_all(self)
+        # Everything alive now (the model, torch, aiortc, their modules) lives as long as the process. Frozen, a
+        # full garbage collection skips it: in the test process (~500k objects, loaded machine) full collections
+        # stalled the event loop 1-1.7 s each (every viewer froze); frozen, under 0.1 s. A client flooding
+        # allocations could otherwise trigger them at will.
+        gc.collect()
+        gc.freeze()
         self.ready = True
         log.info("model %s warm (%.2f s); ready", self.generator.preset.name, seconds)
         return seconds
@@ -215,7 +231,8 @@ class StreamServer:
                 self._lag.popleft()
 
     async def _sweep(self) -> None:
-        """Janus-style sweeper: end sessions with no media connection and no message for limits.idle_timeout."""
+        """Janus-style sweeper: end sessions without connected video for limits.idle_timeout (messages do not count:
+        four control-only clients pinging forever would otherwise hold every slot)."""
         while True:
             await asyncio.sleep(1.0)
             self._sweep_once(time.monotonic())   # a function of its own: the loop keeps no client alive
@@ -225,11 +242,16 @@ class StreamServer:
         for client in list(self.clients.values()):
             if client.detached_at is not None:
                 continue                         # waiting for a resume: _expire ends it
-            if client.media_connected():
+            if client.connect_overdue(now) and not client.failing:
+                wait = self.config.limits.connect_timeout
+                self._spawn(client.fail("connection_failed", f"the WebRTC connection did not connect within "
+                                        f"{wait:g} s (state {client.pc.connectionState}: ICE or DTLS failed)",
+                                        P.CLOSE_NORMAL))
+            elif client.media_connected():
                 client.last_activity = now
             elif now - client.last_activity > limit and not client.failing:
-                self._spawn(client.fail("idle_timeout", f"no media connection and no message for {limit:g} s",
-                                        P.CLOSE_NORMAL))
+                self._spawn(client.fail("idle_timeout", f"no connected video for {limit:g} s; a session slot is "
+                                        "for watching (send an offer)", P.CLOSE_NORMAL))
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -239,7 +261,26 @@ class StreamServer:
 
     # ---- HTTP
 
-    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        if urlsplit(request.path).path == "/ws":
+            wait = self.penalty.remaining(_address(connection), time.monotonic())
+            if wait > 0:
+                # a flooder reconnecting: refused before the upgrade, and slowly (a tarpit: an attacker's
+                # reconnect loop costs the event loop one HTTP parse per _TARPIT seconds, not hundreds a second)
+                self.metrics.rejected.inc(reason="flood")
+                await asyncio.sleep(min(wait, _TARPIT))
+                return _response(429, f"this address flooded the server; try again in {wait:.0f} s\n".encode(),
+                                 "text/plain; charset=utf-8")
+        try:
+            return self._route(connection, request)
+        except Exception as exc:  # noqa: BLE001 - one log line and a clean 500, never a traceback per request
+            log.warning("request %s failed: %s: %s", request.path[:100], type(exc).__name__, exc)
+            return _response(500, b"internal error\n", "text/plain; charset=utf-8")
+
+    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
+        for name in _SINGLE_HEADERS:               # two of these is an attack or a broken proxy: refuse both
+            if len(request.headers.get_all(name)) > 1:
+                return _response(400, f"duplicate {name} header\n".encode(), "text/plain; charset=utf-8")
         path = urlsplit(request.path).path
         if path == "/ws":
             return None                              # websocket handshake goes on
@@ -251,6 +292,11 @@ class StreamServer:
                 body["runtime"] = self.generator.runtime_info()
             return _response(200 if self.ready else 503, json.dumps(body).encode(), "application/json")
         if path == "/metrics":
+            if self.config.metrics_need_token and self.config.token is not None:
+                try:
+                    self._check_token(request, _address(connection))
+                except Refused as r:
+                    return _response(401, f"{r.message}\n".encode(), "text/plain; charset=utf-8")
             return _response(200, self.metrics.render().encode(), METRICS_CONTENT_TYPE)
         name = "index.html" if path == "/" else path.lstrip("/")
         file = os.path.join(self.config.web_dir, name)
@@ -265,21 +311,44 @@ class StreamServer:
 
     # ---- websocket
 
-    def _check_access(self, request: Request) -> None:
-        """Origin allowlist and token: who may connect at all."""
-        cfg, headers = self.config, request.headers
-        origin = headers.get("Origin")
-        if origin is not None and not _origin_allowed(origin, headers.get("Host", ""), cfg.allowed_origins):
-            raise Refused("forbidden_origin", f"origin {origin[:100]} is not allowed on this server "
-                          "(start it with --allowed-origin)", P.CLOSE_POLICY)
-        if cfg.token is not None:
-            given = _query(request).get("token")
-            auth = headers.get("Authorization", "")
-            if given is None and auth.lower().startswith("bearer "):
-                given = auth[7:].strip()
-            if given is None or not hmac.compare_digest(given.encode(), cfg.token.encode()):
-                raise Refused("unauthorized", "this server needs a token (?token=... or Authorization: Bearer)"
-                              if given is None else "wrong token", P.CLOSE_POLICY)
+    def origin_policy(self) -> OriginPolicy:
+        """The Origin rule for the addresses this server listens on (streamer/access.py says which pass)."""
+        key = (self.config.allowed_origins, self.port)
+        if self._origins is None or self._origins[0] != key:
+            listening = [s.getsockname()[:2] for s in self._ws_server.sockets] if self._ws_server else []
+            self._origins = (key, OriginPolicy(self.config.allowed_origins, listening))
+        return self._origins[1]
+
+    def _check_access(self, request: Request, address: str = "") -> None:
+        """Flood penalty, Origin and token: who may connect at all."""
+        now = time.monotonic()
+        wait = self.penalty.remaining(address, now)
+        if wait > 0:
+            raise Refused("rate_limited", f"this address flooded the server; try again in {wait:.0f} s",
+                          P.CLOSE_TRY_AGAIN_LATER)
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.origin_policy().allows(origin):
+            raise Refused("forbidden_origin", f"origin {origin[:100]!r} is not allowed on this server (it "
+                          f"listens on {self.url}; start it with --allowed-origin for others)", P.CLOSE_POLICY)
+        if self.config.token is not None:
+            self._check_token(request, address)
+
+    def _check_token(self, request: Request, address: str) -> None:
+        """The token (?token= or Authorization: Bearer), compared in constant time; wrong ones throttled per address."""
+        now = time.monotonic()
+        if self.auth_failures.blocked(address, now):
+            raise Refused("unauthorized", "too many wrong tokens from this address; try again in "
+                          f"{self.auth_failures.retry_after(address, now):.0f} s", P.CLOSE_POLICY)
+        given = _query(request).get("token")
+        auth = request.headers.get("Authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
+                                                    self.config.token.encode()):
+            if given is not None:
+                self.auth_failures.failed(address, now)
+            raise Refused("unauthorized", "this server needs a token (?token=... or Authorization: Bearer)"
+                          if given is None else "wrong token", P.CLOSE_POLICY)
 
     def _check_capacity(self) -> None:
         """Ready and a free slot: whether a new session can start now."""
@@ -302,7 +371,7 @@ class StreamServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         try:
-            self._check_access(ws.request)
+            self._check_access(ws.request, _address(ws))
             client = self._resumable(ws.request)
             if client is None or self._closing:
                 self._check_capacity()
@@ -337,8 +406,10 @@ class ClientConnection:
         self.track: PacedVideoTrack | None = None
         self.recorder: Mp4Recorder | None = None
         self.gate = P.MessageGate(cfg.limits, time.monotonic())
+        self.flood = P.FloodBudget(cfg.limits, time.monotonic())
         self.last_activity = time.monotonic()
         self.failing = False                   # a fatal error is on its way: no reconnect grace
+        self.answered_at: float | None = None  # when the current peer connection was answered, until it connects
         self.resume_key = secrets.token_urlsafe(16) if cfg.reconnect_grace > 0 else None
         self.detached_at: float | None = None  # websocket lost, waiting reconnect_grace seconds for a resume
         self._expiry: asyncio.Task | None = None
@@ -414,6 +485,7 @@ class ClientConnection:
         try:
             async for raw in self.ws:
                 await self._on_message(raw)
+                await asyncio.sleep(0)     # yield per message: queued messages never run back to back unbounded
         finally:
             stats_task.cancel()
 
@@ -453,8 +525,7 @@ class ClientConnection:
             await self._close_pc()
             leftover = await self.session.close() if self.session is not None else []
             if self.recorder is not None:
-                for frame in leftover:                 # generated but never played: keep it in the file
-                    self.recorder.write(frame)
+                await self.recorder.write_all(leftover)   # generated but never played: keep it in the file
                 await self._stop_recording()
         finally:
             self.server.stopping.discard(self.sid)
@@ -483,6 +554,10 @@ class ClientConnection:
 
     async def send_error(self, code: str, message: str, id: P.MessageId = None, fatal: bool = False) -> None:
         self.server.metrics.errors.inc(code=code)
+        if not fatal and self.ws is not None and self.ws.transport.get_write_buffer_size() > 0:
+            # the socket is full: the client does not read its answers (a flooder). Waiting here would stop us
+            # reading its messages, so its flood budget would never run out; the answer is dropped instead.
+            return
         await self.send(P.render_error(code, message, id, fatal))
 
     async def _push_stats(self) -> None:
@@ -514,7 +589,9 @@ class ClientConnection:
 
     async def _on_message(self, raw: str | bytes) -> None:
         now = time.monotonic()
-        self.last_activity = now
+        if not self.flood.charge(len(raw), now):       # before any parsing or answering: bounded cost per client
+            await self._flooded(now)
+            return
         msg = None
         try:
             msg = P.parse_client_message(raw, self.server.config.limits)
@@ -529,6 +606,27 @@ class ClientConnection:
         except Exception as e:  # noqa: BLE001 - the session lives on
             log.exception("session %s: handling %s failed", self.sid, type(msg).__name__)
             await self.send_error("internal", f"{type(e).__name__}: {e}", getattr(msg, "id", None))
+
+    async def _flooded(self, now: float) -> None:
+        if self.failing:
+            return
+        lim, address = self.server.config.limits, _address(self.ws)
+        self.server.penalty.add(address, now + lim.flood_cooldown)
+        log.warning("session %s: %s flooded (over %g messages/s or %d bytes/s); closed, address refused for %g s",
+                    self.sid, address, lim.flood_rate, lim.flood_bytes_rate, lim.flood_cooldown)
+        self.server.metrics.rejected.inc(reason="flood")
+        if self.ws.transport.get_write_buffer_size() > 0:
+            # it does not read (the socket is full): no error or close frame would arrive, and writing one could
+            # wait forever. Drop the connection now (its handler then frees the session as for any disconnect).
+            self.failing = True
+            self.ws.transport.abort()
+            return
+        self.ws.close_timeout = 0.2                   # no long closing handshake for a flooder...
+        # ...and none at all if writing the close frame itself waits on a full socket
+        asyncio.get_running_loop().call_later(0.5, self.ws.transport.abort)
+        await self.fail("rate_limited", f"over {lim.flood_rate:g} messages or {lim.flood_bytes_rate} bytes per "
+                        f"second; connection closed, new ones refused for {lim.flood_cooldown:g} s",
+                        P.CLOSE_POLICY)
 
     async def _dispatch(self, msg: P.ClientMessage) -> None:
         s = self.session
@@ -561,13 +659,13 @@ class ClientConnection:
 
         A second offer (the client re-negotiating) replaces the old peer connection once the new one is
         answered; a bad offer leaves the running one untouched."""
+        problem = offer_problem(offer.sdp)
+        if problem is not None:                      # refused before anything replaces the running video
+            raise P.ProtocolError("bad_sdp", problem, offer.id)
         pc = RTCPeerConnection()
         track = PacedVideoTrack(self.session, fps=self.preset.fps, on_frame=self._on_frame)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
-            video = [t for t in pc.getTransceivers() if t.kind == "video"]
-            if not video or video[0].direction not in ("recvonly", "sendrecv"):
-                raise ValueError("the offer has no video section the client can receive on")
             pc.addTrack(track)
             await pc.setLocalDescription(await pc.createAnswer())
             sdp = pc.localDescription.sdp
@@ -585,14 +683,25 @@ class ClientConnection:
         @pc.on("connectionstatechange")
         async def on_state():
             log.info("session %s: media %s", self.sid, pc.connectionState)
-            if pc is self.pc and pc.connectionState == "failed":
-                await self.fail("connection_failed", "the WebRTC connection failed", P.CLOSE_NORMAL)
+            if pc is self.pc and pc.connectionState == "failed" and not self.failing:
+                await self.fail("connection_failed", "the WebRTC connection failed (ICE or DTLS)", P.CLOSE_NORMAL)
 
+        self.answered_at = time.monotonic()        # the sweeper gives it limits.connect_timeout to connect
         return sdp
+
+    def connect_overdue(self, now: float) -> bool:
+        """An answered peer connection that has not connected within limits.connect_timeout (ICE/DTLS failed)."""
+        if self.answered_at is None or self.pc is None:
+            return False
+        if self.pc.connectionState == "connected":
+            self.answered_at = None                 # connected once: losing it later is idle_timeout's business
+            return False
+        return now - self.answered_at > self.server.config.limits.connect_timeout
 
     async def _close_pc(self) -> None:
         pc, track = self.pc, self.track
         self.pc = self.track = None
+        self.answered_at = None
         if track is not None:
             track.stop()
             a, b, c = self._track_totals
@@ -620,8 +729,10 @@ class ClientConnection:
                                          file=os.path.basename(self.recorder.path)))
         else:
             file, frames = await self._stop_recording()
-            await self.send(P.render_ack("record", msg.id, action="stop", recording=False, file=file,
-                                         frames=frames))
+            ack = {"file": file, "frames": frames}
+            if file is None:
+                ack["note"] = "no frame was recorded (stopped before the first frame played); no file was kept"
+            await self.send(P.render_ack("record", msg.id, action="stop", recording=False, **ack))
 
     def _start_recording(self) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -640,6 +751,13 @@ class ClientConnection:
         if rec is None:
             return None, 0
         frames = await rec.close()
+        if frames == 0:                             # nothing to play: no empty file left behind
+            try:
+                os.remove(rec.path)
+            except OSError:
+                pass
+            log.info("session %s: recording %s stopped before its first frame; removed", self.sid, rec.path)
+            return None, 0
         log.info("session %s: recording %s closed (%d frames)", self.sid, rec.path, frames)
         return os.path.basename(rec.path), frames
 
@@ -648,13 +766,32 @@ def _query(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(urlsplit(request.path).query).items()}
 
 
-def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
-    if "*" in allowed:
-        return True
-    origin = origin.rstrip("/").lower()
-    if not allowed:                                  # same origin only
-        return urlsplit(origin).netloc == host.lower()
-    return origin in {a.rstrip("/").lower() for a in allowed}
+def _address(ws: ServerConnection) -> str:
+    """The peer's IP (what the per-address throttles key on)."""
+    addr = ws.remote_address
+    return str(addr[0]) if isinstance(addr, (tuple, list)) and addr else str(addr)
+
+
+def offer_problem(sdp: str) -> str | None:
+    """Why an offer cannot carry our video (None when it can): checked before it replaces a running connection."""
+    try:
+        parsed = ParsedSdp.parse(sdp)
+    except Exception as exc:  # noqa: BLE001 - aiortc's parser raises ValueError, IndexError, KeyError...
+        return f"the SDP does not parse ({type(exc).__name__})"
+    video = [m for m in parsed.media if m.kind == "video" and m.port != 0]
+    if not video:
+        return "the offer has no (enabled) video section"
+    m = video[0]
+    if (m.direction or "sendrecv") not in ("recvonly", "sendrecv"):
+        return f"the offer's video is {m.direction}: the client would not receive it (use recvonly)"
+    if m.dtls is None or not m.dtls.fingerprints:
+        return "the offer has no DTLS fingerprint (WebRTC media must be encrypted)"
+    if m.ice is None or not m.ice.usernameFragment or not m.ice.password:
+        return "the offer has no ICE credentials (a=ice-ufrag / a=ice-pwd)"
+    names = {c.mimeType.lower() for c in m.rtp.codecs}
+    if not names & {"video/vp8", "video/h264"}:
+        return "the offer's video codecs include neither VP8 nor H264"
+    return None
 
 
 def _response(status: int, body: bytes, content_type: str) -> Response:

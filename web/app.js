@@ -269,6 +269,9 @@ function onStats(s) {
   $("s-chunk").textContent = s.chunk_index + (s.playing_chunk != null ? " (▶ " + s.playing_chunk + ")" : "");
   $("s-buffer").textContent = s.buffer_frames + " fr";
   $("s-repeated").textContent = s.repeated_frames;
+  if (s.playing_prompt && $("prompt").placeholder !== "now playing: " + s.playing_prompt) {
+    $("prompt").placeholder = "now playing: " + s.playing_prompt;   // what is on screen, not what it started with
+  }
   const cache = s.cache || {};
   $("s-cache").textContent = fmtBytes(cache.kv_bytes);
   const parts = cache.partitions || {};
@@ -310,7 +313,11 @@ $("transition").onchange = () => { $("blend").hidden = $("transition").value !==
 $("prompt-form").onsubmit = async (ev) => {
   ev.preventDefault();
   const text = $("prompt").value.trim();
-  if (!text) return;
+  if (!text) {                                       // say so: a silently ignored Enter looks like a broken page
+    say("Type a prompt first: an empty prompt changes nothing.", true);
+    $("prompt").focus();
+    return;
+  }
   const msg = { type: "prompt", text, transition: $("transition").value };
   if (msg.transition === "blend") msg.blend_chunks = Number($("blend").value) || 4;
   $("ack").className = "ack pending";
@@ -321,6 +328,7 @@ $("prompt-form").onsubmit = async (ev) => {
     $("ack").className = "ack";
     $("ack").textContent = "✓ prompt accepted (" + ack.transition + "): takes effect at chunk " + ack.effective_chunk;
     $("prompt").select();
+    say("");
   } catch (e) {
     $("ack").textContent = "";
     say(e.code === "rate_limited" ? READABLE.rate_limited : e.message);
