@@ -2,16 +2,16 @@
 
 Public face:
     Generator.from_preset(name, device=..., dtype=...) / Generator.from_pretrained(model_dir, checkpoint=None)
-    gen.open(prompt, seed=0, cache="packed") -> GenerationSession
-    session.next_chunk() -> uint8 (T, H, W, 3); session.set_prompt(text, transition=...); session.stats(); close()
+    gen.open(prompt, seed=0, cache="packed", start=None) -> GenerationSession   (start: uint8 picture/clip)
+    session.next_chunk() -> uint8 (T, H, W, 3); session.set_prompt(text, transition=..., image=None); session.stats(); close()
 """
 
-from .errors import PackCacheError, PresetError, PromptError, WeightsError
+from .errors import PackCacheError, PresetError, PromptError, StartFramesError, WeightsError
 from .presets import PRESETS, Preset, get_preset
 
 __all__ = [
     "Generator", "GenerationSession", "PRESETS", "Preset", "get_preset",
-    "PackCacheError", "PresetError", "PromptError", "WeightsError",
+    "PackCacheError", "PresetError", "PromptError", "StartFramesError", "WeightsError",
 ]
 
 

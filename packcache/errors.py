@@ -3,7 +3,8 @@
 PackCacheError
  ├── PresetError     unknown preset or an invalid override
  ├── WeightsError    missing files, missing/unexpected/mis-shaped checkpoint keys
- └── PromptError     empty prompt, bad transition, bad blend length
+ ├── PromptError     empty prompt, bad transition, bad blend length
+ └── StartFramesError  a start picture/clip that is not uint8 (T, H, W, 3)
 """
 
 
@@ -21,3 +22,7 @@ class WeightsError(PackCacheError):
 
 class PromptError(PackCacheError, ValueError):
     pass
+
+
+class StartFramesError(PackCacheError, ValueError):
+    """A start picture/clip or an image cue that is not uint8 (T, H, W, 3) with T, H, W >= 1."""

@@ -3,7 +3,8 @@
 A session yields chunks of RGB frames and accepts a new prompt between chunks. Per chunk (Self-Forcing's loop with
 the PackForcing cache):
 
-    1. apply a pending prompt / reset (recache recomputes the recent chunks' K/V under the new prompt)
+    1. apply a pending prompt / reset (recache recomputes the recent chunks' K/V under the new prompt); a start
+       picture or an image cue is encoded by the VAE and committed as context chunks (packcache/start.py)
     2. anchor = cache.begin_chunk()                        # constant for bounded caches
     3. 4 denoising steps (flow matching), each a forward against the cache (mid selection on step 0)
     4. commit pass at t=0 writes the chunk's K/V; cache.end_chunk() moves recent -> mid (importance eviction)
@@ -28,11 +29,12 @@ import torch
 
 from .cache import CacheGeometry, KVCache, build_cache
 from .compress import MidCompressor, block_grid
-from .errors import PackCacheError, PresetError, PromptError, WeightsError
+from .errors import PackCacheError, PresetError, PromptError, StartFramesError, WeightsError
 from .model import CausalWanModel, PromptContext
 from .presets import Preset, get_preset
 from .rope import grid_positions
 from .sampler import FlowSampler
+from .start import encode_context, fit_frames
 from .vae import VideoVAE, frames_to_uint8
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,13 @@ def _default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-def validate_prompt(text: object) -> str:
+def validate_prompt(text: object, allow_empty: bool = False) -> str:
+    """`allow_empty`: a picture is given, and may steer the stream alone (the empty prompt)."""
     if not isinstance(text, str):
         raise PromptError("prompt must be a string")
     text = text.strip()
-    if not text:
-        raise PromptError("prompt is empty")
+    if not text and not allow_empty:
+        raise PromptError("prompt is empty (it may be empty only when a start image is given)")
     if len(text) > MAX_PROMPT_CHARS:
         raise PromptError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
     return text
@@ -190,10 +193,20 @@ class Generator:
             raise PresetError(f"unknown cache {kind!r}; choose one of {', '.join(CACHE_KINDS)}")
         return build_cache(kind, self.cache_geometry(), self.preset.cache, self.model.rope, self.device, self.dtype)
 
-    def open(self, prompt: str, seed: int = 0, cache: str = "packed") -> "GenerationSession":
+    def open(self, prompt: str, seed: int = 0, cache: str = "packed",
+             start: np.ndarray | None = None) -> "GenerationSession":
+        """`start`: a picture (H, W, 3) or clip (T, H, W, 3), uint8 RGB, fitted to the preset's size (scale to
+        cover, centre crop) and committed as the stream's first context chunks; the prompt may then be empty.
+        The start frames are not shown: the first chunk `next_chunk` returns continues from them."""
         if self.device.type == "meta":
             raise PresetError("a generator on the meta device is for sizing only (new_cache, parameters)")
-        return GenerationSession(self, validate_prompt(prompt), int(seed), cache)
+        prompt = validate_prompt(prompt, allow_empty=start is not None)
+        frames = None if start is None else self.fit(start)
+        return GenerationSession(self, prompt, int(seed), cache, start=frames)
+
+    def fit(self, frames: np.ndarray) -> np.ndarray:
+        """A picture or clip fitted to the preset's size: uint8 (T, H, W, 3); raises StartFramesError."""
+        return fit_frames(frames, self.preset.height, self.preset.width)
 
     def warmup(self, prompt: str = "warm-up") -> float:
         """Generate one throwaway chunk so the first viewer never waits for allocation or kernel selection."""
@@ -213,8 +226,10 @@ class Generator:
 class GenerationSession:
     """One endless stream: its cache, its streaming decoder, its prompt and its noise generator."""
 
-    def __init__(self, gen: Generator, prompt: str, seed: int, cache_kind: str):
+    def __init__(self, gen: Generator, prompt: str, seed: int, cache_kind: str, start: np.ndarray | None = None):
         self.gen = gen
+        self._start = start              # fitted start frames: committed before chunk 0, again after every reset
+        self._cue: np.ndarray | None = None   # frames to commit as context before the next chunk
         self.cache_kind = cache_kind
         self.seed = seed
         self.prompt = prompt
@@ -237,17 +252,26 @@ class GenerationSession:
         self.cache = self.gen.new_cache(self.cache_kind)
         self.decoder = self.gen.vae.stream_decoder()
         self._rng = torch.Generator(device="cpu").manual_seed(seed)
+        self._cue = self._start
 
     # ---- thread-safe controls -------------------------------------------------------------------------------
-    def set_prompt(self, text: str, transition: str = "cut", blend_chunks: int = 4) -> int:
-        """Queue a new prompt; returns the chunk index at which it takes effect (the next chunk to start)."""
-        text = validate_prompt(text)
+    def set_prompt(self, text: str, transition: str = "cut", blend_chunks: int = 4,
+                   image: np.ndarray | None = None) -> int:
+        """Queue a new prompt; returns the chunk index at which it takes effect (the next chunk to start).
+
+        `image`: a picture (H, W, 3) or clip, uint8, committed as context right before that chunk (after the
+        transition's own work: `recache` first recomputes the recent chunks under the new prompt), so the stream
+        cuts to the picture and continues from it; the picture itself is not shown. Before the first chunk it
+        becomes the start (a reset replays it). With an image the prompt may be empty: the picture steers alone.
+        """
+        text = validate_prompt(text, allow_empty=image is not None)
+        frames = None if image is None else self.gen.fit(image)
         if transition not in TRANSITIONS:
             raise PromptError(f"unknown transition {transition!r}; choose one of {', '.join(TRANSITIONS)}")
         if transition == "blend" and not (isinstance(blend_chunks, int) and 1 <= blend_chunks <= 64):
             raise PromptError("blend_chunks must be an integer from 1 to 64")
         with self._lock:
-            self._pending = {"text": text, "transition": transition, "blend_chunks": blend_chunks}
+            self._pending = {"text": text, "transition": transition, "blend_chunks": blend_chunks, "image": frames}
             return self.chunk_index + (1 if self._in_progress else 0)
 
     def reset(self, seed: int | None = None) -> None:
@@ -282,6 +306,10 @@ class GenerationSession:
                 self._start_stream(reset)
             if pending is not None:
                 self._apply_prompt(pending)
+            if self._cue is not None:
+                cue, self._cue = self._cue, None
+                self._commit_context(cue)
+            first = self.cache.chunks_seen == 0      # the video's first chunk: 1 + 4(T-1) frames, not 4T
             latents, pixels = self._generate(decode)
             with self._lock:   # one step, so set_prompt never sees the new index while still "in progress"
                 self.chunk_index += 1
@@ -292,7 +320,7 @@ class GenerationSession:
         self._last_seconds = time.perf_counter() - start
         self._total_seconds += self._last_seconds
         t, stride = latents.shape[2], self.gen.preset.vae.temporal_stride
-        self._frames += stride * t - (stride - 1 if self.chunk_index == 1 else 0)   # 9 then 12 frames for T=3
+        self._frames += stride * t - (stride - 1 if first else 0)   # 9 then 12 frames for T=3
         if not decode:
             return latents
         return frames_to_uint8(pixels)[0]
@@ -310,6 +338,24 @@ class GenerationSession:
         self._prompt_ctx = gen.model.embed_text(new_text)
         if pending["transition"] == "recache":
             self._recache()
+        if pending.get("image") is not None:
+            if self.cache.chunks_seen == 0:      # no context yet: the picture is the stream's start
+                self._start = pending["image"]
+            self._cue = pending["image"]
+
+    def _commit_context(self, frames: np.ndarray) -> None:
+        """Fitted frames -> VAE latents -> committed chunk by chunk like generated ones (sink first, then recent,
+        then the mid bank), under the current prompt. Each is also run through `_finish`: the streaming decoder is
+        primed (its pixels are dropped), so the next generated chunk decodes as their continuation, and the packed
+        cache gets its compressed backup."""
+        gen = self.gen
+        first = self.cache.chunks_seen == 0
+        for x0 in encode_context(gen.vae, frames, gen.preset.cache.chunk_frames, first):
+            x0 = x0.to(gen.device, gen.dtype)
+            anchor = self.cache.begin_chunk()
+            slot = self._commit(x0, self._prompt_ctx, anchor)
+            self._finish(x0, slot, self._prompt_ctx, decode=True)
+        log.debug("committed %d context frame(s) as %s", len(frames), "the start" if first else "an image cue")
 
     def _current_text(self) -> torch.Tensor:
         b = self._blend
@@ -359,12 +405,17 @@ class GenerationSession:
         reader = self.cache.reader()
         x = self._noise(shape)
         x0 = x
-        unconditional = gen.null_prompt() if sampler.guided else None
+        empty = self.prompt == "" and self._blend is None     # a picture alone: text guidance changes nothing
+        unconditional = gen.null_prompt() if sampler.guided and not empty else None
+        context_g = sampler.config.context_guidance if empty else 1.0
         for k, sigma in enumerate(sampler.sigmas):
             t = sampler.timestep(sigma, 1, gen.device)
             v = model.forward_chunk(x, t, prompt, reader, anchor)
             if unconditional is not None:   # the reader's mid-block selection was fixed by the conditional pass
                 v = sampler.guide(v, model.forward_chunk(x, t, unconditional, reader, anchor))
+            elif context_g != 1.0:          # see SamplerConfig.context_guidance
+                v_none = model.forward_chunk(x, t, prompt, None, anchor).float()
+                v = (v_none + context_g * (v.float() - v_none)).to(v.dtype)
             x0 = sampler.x0_from_velocity(x, v, sigma)
             if k + 1 < sampler.steps:
                 x = sampler.next_x(x, v, x0, k, lambda: self._noise(shape))
@@ -407,6 +458,7 @@ class GenerationSession:
             "mean_seconds_per_chunk": self._total_seconds / chunks if self.chunk_index else 0.0,
             "realtime_factor": (self._frames / self.gen.fps) / self._total_seconds if self._total_seconds else 0.0,
             "frames": self._frames,
+            "start_frames": 0 if self._start is None else len(self._start),
         }
         if cs is not None:
             out.update({"kv_bytes": cs.kv_bytes, "attended_tokens": cs.attended_tokens,

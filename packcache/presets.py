@@ -146,6 +146,10 @@ class SamplerConfig:
     between_steps: Literal["fresh", "ode"] = "fresh"
     guidance_scale: float = 1.0
     guidance_rescale: float = 0.0
+    # With an empty prompt (a picture steers alone) text guidance changes nothing; instead the velocity is pushed
+    # away from what the model predicts with no context at all: v = v_none + g (v_context - v_none). 1 turns it
+    # off. The toy model's unconditional branch follows its context weakly (toyworld/eval/START.md).
+    context_guidance: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,7 @@ _TOY = Preset(
     # spends the four steps where the subject's colour is decided. Guidance 3, no rescale: on the recoded weights
     # it beats 5 rescaled 1.0 (which helped the drifting session-3 weights), picked with
     # `python -m toyworld.sampler_sweep` on prompts the evaluation never uses (toyworld/README.md).
-    sampler=SamplerConfig(shift=5.0, between_steps="ode", guidance_scale=3.0),
+    sampler=SamplerConfig(shift=5.0, between_steps="ode", guidance_scale=3.0, context_guidance=3.0),
     height=64,
     width=64,
     weights="toy.safetensors",
