@@ -256,13 +256,15 @@ class GenerationSession:
 
     # ---- thread-safe controls -------------------------------------------------------------------------------
     def set_prompt(self, text: str, transition: str = "cut", blend_chunks: int = 4,
-                   image: np.ndarray | None = None) -> int:
+                   image: np.ndarray | None = None, restart: bool = False) -> int:
         """Queue a new prompt; returns the chunk index at which it takes effect (the next chunk to start).
 
         `image`: a picture (H, W, 3) or clip, uint8, committed as context right before that chunk (after the
         transition's own work: `recache` first recomputes the recent chunks under the new prompt), so the stream
         cuts to the picture and continues from it; the picture itself is not shown. Before the first chunk it
         becomes the start (a reset replays it). With an image the prompt may be empty: the picture steers alone.
+        `restart`: a reset (same seed) queued together with the prompt, atomically: the stream starts over from
+        `image` as its new start (returns 0).
         """
         text = validate_prompt(text, allow_empty=image is not None)
         frames = None if image is None else self.gen.fit(image)
@@ -272,6 +274,9 @@ class GenerationSession:
             raise PromptError("blend_chunks must be an integer from 1 to 64")
         with self._lock:
             self._pending = {"text": text, "transition": transition, "blend_chunks": blend_chunks, "image": frames}
+            if restart:
+                self._pending_reset = self.seed
+                return 0
             return self.chunk_index + (1 if self._in_progress else 0)
 
     def reset(self, seed: int | None = None) -> None:

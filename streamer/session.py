@@ -167,10 +167,9 @@ class StreamSession:
         it), else a cut to it. Queues only, like set_prompt; raises the engine's PromptError / StartFramesError
         (ValueErrors) on bad input, before anything changes."""
         effective = int(self._live().set_prompt(text, transition=transition, blend_chunks=blend_chunks,
-                                                image=frame))
-        if restart:                          # the engine applies a pending reset before a pending prompt/picture
-            self.reset()
-            effective = 0
+                                                image=frame, restart=restart))   # one atomic engine call
+        if restart:
+            self._restarted(None)
         self.requested_prompt = text
         self._pending = [p for p in self._pending if p[0] < effective] + [(effective, text)]
         self.images += 1
@@ -181,6 +180,10 @@ class StreamSession:
     def reset(self, seed: int | None = None) -> None:
         """Restart from chunk 0 with the current prompt; buffered frames and the chunk in progress are dropped."""
         self._live().reset(seed)             # thread-safe: applied before the engine's next chunk
+        self._restarted(seed)
+
+    def _restarted(self, seed: int | None) -> None:
+        """This side of a reset the engine has queued: drop what was generated for the old stream."""
         self._epoch += 1
         if seed is not None:
             self._seed = seed

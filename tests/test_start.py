@@ -150,6 +150,14 @@ def test_picture_before_the_first_chunk_becomes_the_start(gen):
     assert np.array_equal(want, got)
 
 
+def test_restart_from_a_picture_is_one_atomic_call(gen):
+    with gen.open("a red circle", seed=6) as s:
+        s.next_chunk()
+        assert s.set_prompt("", image=picture(seed=3), restart=True) == 0
+        assert len(s.next_chunk()) == 12 and s.chunk_index == 1
+        assert s.stats()["start_frames"] == 1 and s.cache.chunks_seen == 2
+
+
 def test_no_picture_no_cost(gen, monkeypatch):
     """Without a picture nothing of this runs: no context is encoded or committed."""
     import packcache.generator as G

@@ -249,8 +249,9 @@ function onWelcome(msg) {
     $("info").append(dt, dd);
   }
   log((msg.resumed ? "resumed session " : "welcome: session ") + msg.session + " (" + msg.preset + ", chunk " + msg.chunk_index + ")");
-  if (viewer.picture && !msg.resumed) sendPicture(viewer.picture);   // picked before connecting: the start
-  startVideo().catch((e) => { say("Could not start video: " + e.message); log("offer failed: " + e.message); });
+  // a picture picked before connecting is sent before the offer, so generation starts from it
+  const picture = viewer.picture && !msg.resumed ? sendPicture(viewer.picture) : Promise.resolve();
+  picture.finally(() => startVideo().catch((e) => { say("Could not start video: " + e.message); log("offer failed: " + e.message); }));
 }
 
 function onStats(s) {
