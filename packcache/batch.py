@@ -155,13 +155,25 @@ class _Row:
         self.result: object = None
 
 
+def _guidance_mode(session: "GenerationSession") -> str:
+    """How the session's `_denoise` guides this chunk: against the empty prompt ("guided"), not at all ("plain":
+    a picture alone, empty prompt), or against no context ("context"): rows batch only with rows of their mode."""
+    unconditional, context_g = session._guidance()
+    return "guided" if unconditional is not None else ("context" if context_g != 1.0 else "plain")
+
+
 def _denoise(gen: "Generator", rows: list[_Row]) -> None:
     """All rows' sampler steps, one model call per step (2N rows with guidance)."""
     sampler = gen.sampler
     n = len(rows)
+    mode = _guidance_mode(rows[0].session)
+    if mode == "context":    # a picture alone with context guidance: its own passes without the cache, row by row
+        for r in rows:
+            r.x0 = r.session._denoise(r.prompt, r.anchor)
+        return
     shape = rows[0].session._chunk_shape()
     xs = [r.session._noise(shape) for r in rows]
-    guided = sampler.guided
+    guided = mode == "guided"
     prompts = [r.prompt for r in rows] + ([gen.null_prompt()] * n if guided else [])
     stacked = StackedPrompt(prompts)
     access = BatchedAccess([r.session.cache.reader() for r in rows], list(range(n)) * (2 if guided else 1))
@@ -255,9 +267,9 @@ def step_sessions(gen: "Generator", sessions: list["GenerationSession"], decode:
             except Exception as exc:  # noqa: BLE001
                 s._abort_step()
                 r.result = exc
-        groups: dict[float, list[_Row]] = defaultdict(list)
+        groups: dict[tuple[float, str], list[_Row]] = defaultdict(list)
         for r in live:
-            groups[r.anchor].append(r)
+            groups[(r.anchor, _guidance_mode(r.session))].append(r)
         for group in groups.values():
             _run_group(gen, group)
         for r in live:

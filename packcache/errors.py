@@ -4,7 +4,8 @@ PackCacheError
  ├── PresetError     unknown preset or an invalid override
  ├── WeightsError    missing files, missing/unexpected/mis-shaped checkpoint keys
  ├── PromptError     empty prompt, bad transition, bad blend length
- └── SnapshotError   a session snapshot that is unreadable, corrupted, newer, or from another model
+ ├── SnapshotError   a session snapshot that is unreadable, corrupted, newer, or from another model
+ └── StartFramesError  a start picture/clip that is not uint8 (T, H, W, 3)
 """
 
 
@@ -26,3 +27,7 @@ class PromptError(PackCacheError, ValueError):
 
 class SnapshotError(PackCacheError):
     pass
+
+
+class StartFramesError(PackCacheError, ValueError):
+    """A start picture/clip or an image cue that is not uint8 (T, H, W, 3) with T, H, W >= 1."""

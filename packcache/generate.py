@@ -3,6 +3,7 @@
     python -m packcache.generate --preset toy --seconds 60 --prompt "a red circle bouncing" --out video.mp4
     python -m packcache.generate --preset tiny --seconds 10 --prompt "a cat" --switch 5:"a dog":recache --out v.mp4
     python -m packcache.generate --model-dir Wan2.1-T2V-1.3B-Diffusers --checkpoint self_forcing_dmd.pt ...
+    python -m packcache.generate --preset toy --start picture.png --seconds 30 --out video.mp4   # prompt optional
 
 Shows a progress bar per chunk; every user mistake ends in one line on stderr and exit code 2, never a traceback.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checks import check_checkpoint, check_device, check_model_dir
-from .errors import PackCacheError
+from .errors import PackCacheError, StartFramesError
 from .prompts import validate_prompt
 from .threads import check_threads, default_threads, set_threads
 
@@ -56,6 +57,40 @@ def parse_switch(spec: str) -> PromptSwitch:
     except PackCacheError as exc:
         raise argparse.ArgumentTypeError(f"--switch {spec!r}: {exc}") from None
     return PromptSwitch(at, text, transition)
+
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi")
+
+
+def load_start(path: str | Path, max_frames: int = 237):
+    """A picture (Pillow: PNG, JPEG, WebP...) or a clip (av: its last `max_frames` frames, the ones the video
+    continues from; 237 = 20 chunks of 3 latents, packcache.start.MAX_START_CHUNKS) -> uint8 (T, H, W, 3)."""
+    from collections import deque
+
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise StartFramesError(f"--start {path}: no such file")
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        import av
+        try:
+            with av.open(str(path)) as container:
+                frames: deque = deque(maxlen=max_frames)
+                for frame in container.decode(video=0):
+                    frames.append(frame.to_ndarray(format="rgb24"))
+        except (av.FFmpegError, ValueError) as e:
+            raise StartFramesError(f"--start {path.name}: cannot read the video ({e})") from None
+        if not frames:
+            raise StartFramesError(f"--start {path.name}: the video has no frames")
+        log.info("--start %s: %d frames", path.name, len(frames))
+        return np.stack(list(frames))
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.uint8)[None]
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise StartFramesError(f"--start {path.name}: not a picture Pillow can read ({e})") from None
 
 
 def write_mp4(path: Path, fps: int, width: int, height: int):
@@ -103,13 +138,14 @@ def run(args) -> Path:
 
     out = check_args(args)
     set_threads(args.threads)
+    start_frames = load_start(args.start) if args.start else None   # a bad file fails before the model loads
     gen = build_generator(args)
     if args.decoder != "wan":
         gen.use_decoder(args.decoder, args.decoder_weights)
     p = gen.preset
     frames_needed = math.ceil(args.seconds * p.fps)
     switches = sorted(args.switch or [], key=lambda s: s.at_seconds)
-    session = gen.open(args.prompt, seed=args.seed, cache=args.cache)
+    session = gen.open(args.prompt, seed=args.seed, cache=args.cache, start=start_frames)
     container, stream = write_mp4(out, p.fps, p.width, p.height)
 
     written = 0
@@ -162,7 +198,7 @@ def check_args(args) -> Path:
         raise PackCacheError(f"--out {out}: the directory {out.parent} does not exist")
     if not math.isfinite(args.seconds) or args.seconds <= 0:
         raise PackCacheError("--seconds must be a positive number")
-    validate_prompt(args.prompt)
+    validate_prompt(args.prompt, allow_empty=bool(args.start))
     for s in args.switch or []:
         if not 0 <= s.at_seconds < args.seconds:
             raise PackCacheError(f"--switch at {s.at_seconds:g} s is outside the video (0 to {args.seconds:g} s; "
@@ -190,7 +226,11 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", help="named preset (default: toy when shipped, else tiny); see packcache.presets")
     ap.add_argument("--model-dir", help="diffusers-format Wan2.1-T2V folder (real weights)")
     ap.add_argument("--checkpoint", help="Self-Forcing-style generator checkpoint (.pt/.safetensors)")
-    ap.add_argument("--prompt", required=True, help="what the video shows")
+    ap.add_argument("--prompt", default="", help="what to generate (may be empty with --start)")
+    ap.add_argument("--start", metavar="PATH",
+                    help="start from a picture (PNG, JPEG, WebP) or a clip (.mp4, .webm...): fitted to the preset's "
+                         "size (scale to cover, centre crop) and used as the first context; the video continues "
+                         "from it (the picture itself is not in the file)")
     ap.add_argument("--switch", action="append", type=parse_switch, metavar="SECONDS:PROMPT[:TRANSITION]",
                     help="change the prompt at a time; repeatable")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the video")

@@ -3,7 +3,8 @@
 A session yields chunks of RGB frames and accepts a new prompt between chunks. Per chunk (Self-Forcing's loop with
 the PackForcing cache):
 
-    1. apply a pending prompt / reset (recache recomputes the recent chunks' K/V under the new prompt)
+    1. apply a pending prompt / reset (recache recomputes the recent chunks' K/V under the new prompt); a start
+       picture or an image cue is encoded by the VAE and committed as context chunks (packcache/start.py)
     2. anchor = cache.begin_chunk()                        # constant for bounded caches
     3. 4 denoising steps (flow matching), each a forward against the cache (mid selection on step 0)
     4. commit pass at t=0 writes the chunk's K/V; cache.end_chunk() moves recent -> mid (importance eviction)
@@ -33,7 +34,7 @@ import torch
 
 from .cache import CacheGeometry, KVCache, build_cache
 from .compress import MidCompressor, block_grid
-from .errors import PackCacheError, PresetError, PromptError, WeightsError
+from .errors import PackCacheError, PresetError, PromptError, StartFramesError, WeightsError
 from .model import CausalWanModel, PromptContext
 from .pipeline import FinishWorker
 from .presets import Preset, get_preset
@@ -41,6 +42,7 @@ from .prompts import MAX_BLEND_CHUNKS, MAX_PROMPT_CHARS, validate_blend_chunks, 
 from .rope import grid_positions
 from .sampler import FlowSampler
 from .timing import StageClock
+from .start import encode_context, fit_frames
 from .vae import VideoVAE, frames_to_uint8
 
 log = logging.getLogger(__name__)
@@ -234,10 +236,20 @@ class Generator:
             raise PresetError(f"unknown cache {kind!r}; choose one of {', '.join(CACHE_KINDS)}")
         return build_cache(kind, self.cache_geometry(), self.preset.cache, self.model.rope, self.device, self.dtype)
 
-    def open(self, prompt: str, seed: int = 0, cache: str = "packed") -> "GenerationSession":
+    def open(self, prompt: str, seed: int = 0, cache: str = "packed",
+             start: np.ndarray | None = None) -> "GenerationSession":
+        """`start`: a picture (H, W, 3) or clip (T, H, W, 3), uint8 RGB, fitted to the preset's size (scale to
+        cover, centre crop) and committed as the stream's first context chunks; the prompt may then be empty.
+        The start frames are not shown: the first chunk `next_chunk` returns continues from them."""
         if self.device.type == "meta":
             raise PresetError("a generator on the meta device is for sizing only (new_cache, parameters)")
-        return GenerationSession(self, validate_prompt(prompt), int(seed), cache)
+        prompt = validate_prompt(prompt, allow_empty=start is not None)
+        frames = None if start is None else self.fit(start)
+        return GenerationSession(self, prompt, int(seed), cache, start=frames)
+
+    def fit(self, frames: np.ndarray) -> np.ndarray:
+        """A picture or clip fitted to the preset's size: uint8 (T, H, W, 3); raises StartFramesError."""
+        return fit_frames(frames, self.preset.height, self.preset.width)
 
     def next_chunks(self, sessions: list["GenerationSession"], decode: bool = True) -> list:
         """Advance several sessions by one chunk each, batched: one model call per denoising step and one commit
@@ -284,8 +296,11 @@ class Generator:
 class GenerationSession:
     """One endless stream: its cache, its streaming decoder, its prompt and its noise generator."""
 
-    def __init__(self, gen: Generator, prompt: str, seed: int, cache_kind: str):
+    def __init__(self, gen: Generator, prompt: str, seed: int, cache_kind: str, start: np.ndarray | None = None):
         self.gen = gen
+        self._start = start              # fitted start frames: committed before chunk 0, again after every reset
+        self._cue: np.ndarray | None = None   # frames to commit as context before the next chunk
+        self._first_chunk = True         # the chunk in progress is the video's first (9 frames, not 12)
         self.cache_kind = cache_kind
         self.seed = seed
         self.prompt = prompt
@@ -311,17 +326,31 @@ class GenerationSession:
         self.cache = self.gen.new_cache(self.cache_kind)
         self.decoder = self.gen.frame_decoder.stream_decoder()
         self._rng = torch.Generator(device="cpu").manual_seed(seed)
+        self._cue = self._start
 
     # ---- thread-safe controls -------------------------------------------------------------------------------
-    def set_prompt(self, text: str, transition: str = "cut", blend_chunks: int = 4) -> int:
-        """Queue a new prompt; returns the chunk index at which it takes effect (the next chunk to start)."""
-        text = validate_prompt(text)
+    def set_prompt(self, text: str, transition: str = "cut", blend_chunks: int = 4,
+                   image: np.ndarray | None = None, restart: bool = False) -> int:
+        """Queue a new prompt; returns the chunk index at which it takes effect (the next chunk to start).
+
+        `image`: a picture (H, W, 3) or clip, uint8, committed as context right before that chunk (after the
+        transition's own work: `recache` first recomputes the recent chunks under the new prompt), so the stream
+        cuts to the picture and continues from it; the picture itself is not shown. Before the first chunk it
+        becomes the start (a reset replays it). With an image the prompt may be empty: the picture steers alone.
+        `restart`: a reset (same seed) queued together with the prompt, atomically: the stream starts over from
+        `image` as its new start (returns 0).
+        """
+        text = validate_prompt(text, allow_empty=image is not None)
+        frames = None if image is None else self.gen.fit(image)
         if transition not in TRANSITIONS:
             raise PromptError(f"unknown transition {transition!r}; choose one of {', '.join(TRANSITIONS)}")
         if transition == "blend":
             validate_blend_chunks(blend_chunks)
         with self._lock:
-            self._pending = {"text": text, "transition": transition, "blend_chunks": blend_chunks}
+            self._pending = {"text": text, "transition": transition, "blend_chunks": blend_chunks, "image": frames}
+            if restart:
+                self._pending_reset = self.seed
+                return 0
             return self.chunk_index + (1 if self._in_progress else 0)
 
     def reset(self, seed: int | None = None) -> None:
@@ -391,6 +420,11 @@ class GenerationSession:
                 self._start_stream(reset)
             if pending is not None:
                 self._apply_prompt(pending)
+            if self._cue is not None:                # a start picture or an image cue: context before the chunk
+                cue, self._cue = self._cue, None
+                self._wait_finish()
+                self._commit_context(cue)
+            self._first_chunk = self.cache.chunks_seen == 0   # the video's first chunk: 1 + 4(T-1) frames, not 4T
         except BaseException:
             self._abort_step()
             raise
@@ -407,7 +441,7 @@ class GenerationSession:
         if start is not None:
             self._record_time(start)
         t, stride = latents.shape[2], self.gen.preset.vae.temporal_stride
-        self._frames += stride * t - (stride - 1 if self.chunk_index == 1 else 0)   # 9 then 12 frames for T=3
+        self._frames += stride * t - (stride - 1 if self._first_chunk else 0)   # 9 then 12 frames for T=3
 
     def _finish_job(self, x0, slot, prompt, decode, row, start):
         pixels = self._finish(x0, slot, prompt, decode, row)
@@ -444,6 +478,24 @@ class GenerationSession:
         self._prompt_ctx = gen.model.embed_text(new_text)
         if pending["transition"] == "recache":
             self._recache()
+        if pending.get("image") is not None:
+            if self.cache.chunks_seen == 0:      # no context yet: the picture is the stream's start
+                self._start = pending["image"]
+            self._cue = pending["image"]
+
+    def _commit_context(self, frames: np.ndarray) -> None:
+        """Fitted frames -> VAE latents -> committed chunk by chunk like generated ones (sink first, then recent,
+        then the mid bank), under the current prompt. Each is also run through `_finish`: the streaming decoder is
+        primed (its pixels are dropped), so the next generated chunk decodes as their continuation, and the packed
+        cache gets its compressed backup."""
+        gen = self.gen
+        first = self.cache.chunks_seen == 0
+        for x0 in encode_context(gen.vae, frames, gen.preset.cache.chunk_frames, first):
+            x0 = x0.to(gen.device, gen.dtype)
+            anchor = self.cache.begin_chunk()
+            slot = self._commit(x0, self._prompt_ctx, anchor)
+            self._finish(x0, slot, self._prompt_ctx, decode=True)
+        log.debug("committed %d context frame(s) as %s", len(frames), "the start" if first else "an image cue")
 
     def _current_text(self) -> torch.Tensor:
         b = self._blend
@@ -486,6 +538,14 @@ class GenerationSession:
         p = self.gen.preset
         return (1, p.transformer.in_channels, p.cache.chunk_frames, p.latent_height, p.latent_width)
 
+    def _guidance(self) -> tuple[PromptContext | None, float]:
+        """This chunk's guidance: the empty prompt's context (classifier-free guidance) or None, and the context
+        guidance scale. A picture alone (empty prompt) gets no text guidance: it would change nothing."""
+        gen, sampler = self.gen, self.gen.sampler
+        empty = self.prompt == "" and self._blend is None
+        unconditional = gen.null_prompt() if sampler.guided and not empty else None
+        return unconditional, (sampler.config.context_guidance if empty else 1.0)
+
     def _denoise(self, prompt: PromptContext, anchor: float) -> torch.Tensor:
         """The sampler's steps against the cache (read-only); mid selection is fixed at the first step."""
         gen, model, sampler = self.gen, self.gen.model, self.gen.sampler
@@ -493,12 +553,15 @@ class GenerationSession:
         reader = self.cache.reader()
         x = self._noise(shape)
         x0 = x
-        unconditional = gen.null_prompt() if sampler.guided else None
+        unconditional, context_g = self._guidance()
         for k, sigma in enumerate(sampler.sigmas):
             t = sampler.timestep(sigma, 1, gen.device)
             v = model.forward_chunk(x, t, prompt, reader, anchor)
             if unconditional is not None:   # the reader's mid-block selection was fixed by the conditional pass
                 v = sampler.guide(v, model.forward_chunk(x, t, unconditional, reader, anchor))
+            elif context_g != 1.0:          # see SamplerConfig.context_guidance
+                v_none = model.forward_chunk(x, t, prompt, None, anchor).float()
+                v = (v_none + context_g * (v.float() - v_none)).to(v.dtype)
             x0 = sampler.x0_from_velocity(x, v, sigma)
             if k + 1 < sampler.steps:
                 x = sampler.next_x(x, v, x0, k, lambda: self._noise(shape))
@@ -544,6 +607,7 @@ class GenerationSession:
             "mean_seconds_per_chunk": self._total_seconds / chunks if self.chunk_index else 0.0,
             "realtime_factor": (self._frames / self.gen.fps) / self._total_seconds if self._total_seconds else 0.0,
             "frames": self._frames,
+            "start_frames": 0 if self._start is None else len(self._start),
         }
         if cs is not None:
             out.update({"kv_bytes": cs.kv_bytes, "attended_tokens": cs.attended_tokens,
@@ -592,6 +656,8 @@ class GenerationSession:
                 raise SnapshotError("a chunk is being generated; snapshot between chunks")
             pending = dict(self._pending) if self._pending is not None else None
             pending_reset = self._pending_reset
+        if pending is not None and pending.get("image") is not None:
+            pending["image"] = torch.from_numpy(np.ascontiguousarray(pending["image"]))
         state_fn = getattr(self.decoder, "state_dict", None)
         if state_fn is None:
             raise SnapshotError(f"snapshots do not support the {type(self.decoder).__name__} decoder yet")
@@ -600,6 +666,8 @@ class GenerationSession:
             "pending": pending, "pending_reset": pending_reset,
             "text": self._text, "blend": dict(self._blend) if self._blend is not None else None,
             "rng": self._rng.get_state(),
+            "start": None if self._start is None else torch.from_numpy(np.ascontiguousarray(self._start)),
+            "cue": None if self._cue is None else torch.from_numpy(np.ascontiguousarray(self._cue)),
             "counters": {"last_seconds": self._last_seconds, "total_seconds": self._total_seconds,
                          "frames": self._frames},
             "cache": self.cache.state_dict(), "decoder": state_fn(),
@@ -613,6 +681,10 @@ class GenerationSession:
         device = self.gen.device
         self.seed, self.prompt, self.chunk_index = int(state["seed"]), state["prompt"], int(state["chunk_index"])
         self._pending, self._pending_reset = state["pending"], state["pending_reset"]
+        if self._pending is not None and self._pending.get("image") is not None:
+            self._pending = {**self._pending, "image": self._pending["image"].numpy()}
+        self._start = None if state.get("start") is None else state["start"].numpy()   # pictures: uint8 arrays
+        self._cue = None if state.get("cue") is None else state["cue"].numpy()
         self._text = state["text"].to(device)
         blend = state["blend"]
         if blend is not None:

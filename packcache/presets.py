@@ -150,6 +150,11 @@ class SamplerConfig:
     between_steps: Literal["fresh", "ode"] = "fresh"
     guidance_scale: float = 1.0
     guidance_rescale: float = 0.0
+    # With an empty prompt (a picture steers alone) text guidance changes nothing; instead the velocity is pushed
+    # away from what the model predicts with no context at all: v = v_none + g (v_context - v_none). 1 turns it
+    # off. On the toy model 3 kept the picture's colour longer but over-saturated the video into blobs
+    # (toyworld/eval/START.md), so no preset turns it on.
+    context_guidance: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ def visible(ch: str) -> bool:
     return unicodedata.category(ch)[0] in "LNPS"
 
 
-def validate_prompt(text: object, max_chars: int = MAX_PROMPT_CHARS) -> str:
-    """The stripped prompt, or PromptError saying what is wrong with it (one line)."""
+def validate_prompt(text: object, max_chars: int = MAX_PROMPT_CHARS, allow_empty: bool = False) -> str:
+    """The stripped prompt, or PromptError saying what is wrong with it (one line). `allow_empty`: a picture is
+    given, and may steer the stream alone (the empty prompt)."""
     if not isinstance(text, str):
         raise PromptError("prompt must be a string")
     for pos, ch in enumerate(text):
@@ -33,7 +34,9 @@ def validate_prompt(text: object, max_chars: int = MAX_PROMPT_CHARS) -> str:
                               "(not valid Unicode text)")
     text = text.strip()
     if not text:
-        raise PromptError("prompt is empty")
+        if allow_empty:
+            return text
+        raise PromptError("prompt is empty (it may be empty only when a start image is given)")
     if len(text) > max_chars:
         raise PromptError(f"prompt is longer than {max_chars} characters")
     if not any(visible(ch) for ch in text):

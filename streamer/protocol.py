@@ -7,12 +7,14 @@ Client -> server (JSON text frames; every message may carry an "id", echoed in i
     offer   {"sdp"}                                   -> answer
     prompt  {"text", "transition"?, "blend_chunks"?}  -> ack {"effective_chunk"}
     pause / resume / reset {"seed"?} / record {"action": "start"|"stop"} / ping   -> ack (pong for ping)
+    image   {"data" (base64), "text"?, "transition"?, "blend_chunks"?, "restart"?}  -> ack {"effective_chunk", "start",
+            "thumbnail"}; a binary websocket message is an image message carrying the file's bytes (no text)
 
 Server -> client: welcome, answer, ack, pong, stats (pushed), error.
 
 Errors (all `ProtocolError`, each with one of `ERROR_CODES` and a one-line message):
     bad_json, unknown_type, missing_field, bad_value, too_large, prompt_too_long, rate_limited, bad_sdp
-are raised here; busy, unauthorized, forbidden_origin, starting, idle_timeout, connection_failed, shutting_down,
+are raised here (bad_image by the server, from streamer/images.py); busy, unauthorized, forbidden_origin, starting, idle_timeout, connection_failed, shutting_down,
 internal are sent by the server. Fatal errors (the server closes the websocket after sending them) carry
 "fatal": true.
 
@@ -21,6 +23,8 @@ Limits live in one `Limits` dataclass; each field's metadata says why it has its
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import unicodedata
@@ -48,6 +52,8 @@ ERROR_CODES = {
     # sent by a cluster's front door (streamer/cluster); fatal, close 1012: reconnect with the resume key
     "moved": "the session's worker is being drained; reconnect to continue elsewhere (fatal)",
     "worker_lost": "the session's worker stopped; reconnect for a new session (fatal)",
+    "bad_image": "the picture is not a usable still PNG, JPEG or WebP (truncated, zero-sized, animated, too many "
+                 "pixels, absurd aspect ratio); the message says which",
     # sent by the server; fatal ones close the websocket
     "busy": "the server already runs --max-sessions sessions (fatal)",
     "starting": "the model is still loading or warming up (fatal)",
@@ -110,6 +116,13 @@ class Limits:
     auth_failures: int = _limit(5, "wrong tokens an address may send at once before it is throttled")
     auth_failure_interval: float = _limit(
         10.0, "seconds per further wrong-token attempt after auth_failures (guessing drops to 0.1 tries/s)")
+    max_image_bytes: int = _limit(
+        640 * 1024, "pictures are fitted to the stream's size (832x480 at most); a photo that size is well under "
+                    "640 KiB as JPEG/WebP, and its base64 still fits in hard_max_message_bytes")
+    max_image_pixels: int = _limit(
+        16_000_000, "checked from the header before decoding: a 16 MP photo decodes to 48 MB; more is a bomb")
+    max_image_aspect: float = _limit(
+        4.0, "the centre crop to the stream's shape keeps under a third of a picture longer than 4:1")
 
     def __post_init__(self):
         # the engine refuses what is over its own limits: the protocol must refuse it first, with its own error
@@ -162,6 +175,20 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class ImageCue:
+    """A picture to start from (before or at session start) or to cut to mid-stream; `data` is the file's bytes,
+    still undecoded (streamer/images.py decodes it off the event loop)."""
+
+    data: bytes
+    text: str = ""
+    transition: str = "cut"
+    blend_chunks: int = 4
+    restart: bool = False     # restart the stream from this picture (a reset that makes it the start)
+    id: MessageId = None
+    type = "image"
+
+
+@dataclass(frozen=True)
 class Pause:
     id: MessageId = None
     type = "pause"
@@ -193,7 +220,7 @@ class Ping:
     type = "ping"
 
 
-ClientMessage = Union[Offer, Prompt, Pause, Resume, Reset, Record, Ping]
+ClientMessage = Union[Offer, Prompt, ImageCue, Pause, Resume, Reset, Record, Ping]
 
 
 def _require(obj: dict, key: str, kind: type | tuple[type, ...], what: str, mid: MessageId):
@@ -212,7 +239,7 @@ def _typed(value, key: str, kind, what: str, mid: MessageId):
 
 
 def _kind_name(kind) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", dict: "an object"}
+    names = {str: "a string", int: "an integer", float: "a number", dict: "an object", bool: "a boolean"}
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
@@ -253,10 +280,10 @@ def check_prompt_text(text: str, limits: Limits, mid: MessageId = None) -> str:
 
 def parse_client_message(data: str | bytes, limits: Limits = Limits()) -> ClientMessage:
     """Parse one websocket message into a typed message, or raise ProtocolError. Unknown fields are ignored."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        raise ProtocolError("bad_json", "binary messages are not accepted; send JSON text")
+    if isinstance(data, (bytes, bytearray, memoryview)):   # a binary message is a picture's file bytes
+        return ImageCue(data=_image_bytes(bytes(data), limits, None))
     size = len(data.encode("utf-8", "surrogatepass"))
-    if size > limits.max_message_bytes:
+    if size > max(limits.max_message_bytes, _image_message_bytes(limits)):
         raise ProtocolError("too_large", f"message is {size} bytes; the limit is {limits.max_message_bytes}")
     try:
         obj = json.loads(data)
@@ -276,6 +303,8 @@ def parse_client_message(data: str | bytes, limits: Limits = Limits()) -> Client
     kind = obj["type"]
     if not isinstance(kind, str):
         raise ProtocolError("bad_value", f"type must be a string, not {_json_type(kind)}", mid)
+    if size > limits.max_message_bytes and kind != "image":
+        raise ProtocolError("too_large", f"message is {size} bytes; the limit is {limits.max_message_bytes}", mid)
     parser = _PARSERS.get(kind)
     if parser is None:
         raise ProtocolError(
@@ -302,6 +331,41 @@ def _parse_prompt(obj, limits, mid) -> Prompt:
     return Prompt(text=text, transition=transition, blend_chunks=blend, id=mid)
 
 
+def _image_message_bytes(limits: Limits) -> int:
+    """Largest JSON image message: the base64 of max_image_bytes plus room for the other fields."""
+    return 4 * ((limits.max_image_bytes + 2) // 3) + limits.max_prompt_chars * 4 + 1024
+
+
+def _image_bytes(data: bytes, limits: Limits, mid: MessageId) -> bytes:
+    if not data:
+        raise ProtocolError("bad_image", "image is empty (0 bytes)", mid)
+    if len(data) > limits.max_image_bytes:
+        raise ProtocolError("too_large", f"image is {len(data)} bytes; the limit is {limits.max_image_bytes}", mid)
+    return data
+
+
+def _parse_image(obj, limits, mid) -> ImageCue:
+    raw = _require(obj, "data", str, "image", mid)
+    if raw.startswith("data:"):                      # a data: URL as FileReader.readAsDataURL makes it
+        raw = raw.partition(",")[2]
+    try:
+        data = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("bad_value", "image.data must be base64 (or a base64 data: URL)", mid) from None
+    text = _typed(obj.get("text", ""), "text", str, "image", mid)
+    text = check_prompt_text(text, limits, mid) if text.strip() else ""
+    transition = _typed(obj.get("transition", "cut"), "transition", str, "image", mid)
+    if transition not in TRANSITIONS:
+        raise ProtocolError(
+            "bad_value", f"image.transition must be one of {', '.join(TRANSITIONS)}, not {transition[:40]!r}", mid)
+    blend = _typed(obj.get("blend_chunks", 4), "blend_chunks", int, "image", mid)
+    if not 1 <= blend <= limits.max_blend_chunks:
+        raise ProtocolError("bad_value", f"image.blend_chunks must be in 1..{limits.max_blend_chunks}", mid)
+    restart = _typed(obj.get("restart", False), "restart", bool, "image", mid)
+    return ImageCue(data=_image_bytes(data, limits, mid), text=text, transition=transition, blend_chunks=blend,
+                    restart=restart, id=mid)
+
+
 def _parse_reset(obj, limits, mid) -> Reset:
     seed = obj.get("seed")
     if seed is not None:
@@ -321,6 +385,7 @@ def _parse_record(obj, limits, mid) -> Record:
 _PARSERS = {
     "offer": _parse_offer,
     "prompt": _parse_prompt,
+    "image": _parse_image,
     "pause": lambda obj, limits, mid: Pause(id=mid),
     "resume": lambda obj, limits, mid: Resume(id=mid),
     "reset": _parse_reset,
@@ -358,7 +423,7 @@ class MessageGate:
     def check(self, msg: ClientMessage, now: float) -> None:
         if not self._all.allow(now):
             raise ProtocolError("rate_limited", "too many messages; slow down", msg.id)
-        if isinstance(msg, Prompt) and not self._prompts.allow(now):
+        if isinstance(msg, (Prompt, ImageCue)) and not self._prompts.allow(now):
             raise ProtocolError("rate_limited", "too many prompts per second; this one was dropped", msg.id)
 
 

@@ -42,6 +42,7 @@ from websockets.http11 import Request, Response
 from . import protocol as P
 from .access import OriginPolicy, PenaltyBox, auth_throttle
 from .config import ServerConfig
+from .images import ImageError, ImageLimits, decode_image, fit_image, thumbnail_data_url
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from .persist import SessionStore
 from .recorder import Mp4Recorder
@@ -640,6 +641,8 @@ class ClientConnection:
             effective = s.set_prompt(msg.text, msg.transition, msg.blend_chunks)
             await self.send(P.render_ack("prompt", msg.id, effective_chunk=effective, text=msg.text,
                                          transition=msg.transition))
+        elif isinstance(msg, P.ImageCue):
+            await self._image(msg)
         elif isinstance(msg, P.Pause):
             s.pause()
             await self.send(P.render_ack("pause", msg.id, chunk_index=s.chunk_index))
@@ -653,6 +656,26 @@ class ClientConnection:
             await self._record(msg)
         elif isinstance(msg, P.Ping):
             await self.send(P.render_pong(msg.id, time.time()))
+
+    async def _image(self, msg: P.ImageCue) -> None:
+        """Decode, check and fit the picture on a worker thread (streamer/images.py), then queue it with the engine:
+        the start before the first chunk, a cut to it after. The ack carries a thumbnail of the fitted picture."""
+        lim, preset = self.server.config.limits, self.preset
+        limits = ImageLimits(lim.max_image_bytes, lim.max_image_pixels, lim.max_image_aspect)
+
+        def prepare():
+            rgb = decode_image(msg.data, limits)
+            fitted = fit_image(rgb, preset.width, preset.height)
+            return rgb.shape, fitted, thumbnail_data_url(fitted)
+
+        try:
+            shape, fitted, thumb = await asyncio.to_thread(prepare)
+        except ImageError as e:
+            raise P.ProtocolError("too_large" if e.too_large else "bad_image", str(e), msg.id) from None
+        effective = self.session.set_image(fitted, msg.text, msg.transition, msg.blend_chunks, msg.restart)
+        await self.send(P.render_ack("image", msg.id, effective_chunk=effective, start=effective == 0,
+                                     text=msg.text, transition=msg.transition, width=int(shape[1]),
+                                     height=int(shape[0]), restart=msg.restart, thumbnail=thumb))
 
     async def _negotiate(self, offer: P.Offer) -> str:
         """Answer an offer with a new peer connection carrying this session's track.

@@ -122,6 +122,8 @@ class StreamSession:
         self._latency: deque[float] = deque(maxlen=_LATENCY_WINDOW)
         self.opened_at: float | None = None
         self.first_frame_at: float | None = None
+        self.start_image = False         # the stream starts from a picture (replayed by reset)
+        self.images = 0                  # pictures accepted (start and mid-stream cues)
 
     # ---- lifecycle
 
@@ -171,9 +173,30 @@ class StreamSession:
         self._pending = [p for p in self._pending if p[0] < effective] + [(effective, text)]
         return effective
 
+    def set_image(self, frame: np.ndarray, text: str = "", transition: str = "cut", blend_chunks: int = 4,
+                  restart: bool = False) -> int:
+        """Queue a picture (uint8 (H, W, 3), already fitted) with its prompt (may be empty): the stream's start
+        when no chunk was generated yet or with `restart` (a reset first; effective chunk 0; later resets replay
+        it), else a cut to it. Queues only, like set_prompt; raises the engine's PromptError / StartFramesError
+        (ValueErrors) on bad input, before anything changes."""
+        effective = int(self._live().set_prompt(text, transition=transition, blend_chunks=blend_chunks,
+                                                image=frame, restart=restart))   # one atomic engine call
+        if restart:
+            self._restarted(None)
+        self.requested_prompt = text
+        self._pending = [p for p in self._pending if p[0] < effective] + [(effective, text)]
+        self.images += 1
+        if effective == 0:
+            self.start_image = True
+        return effective
+
     def reset(self, seed: int | None = None) -> None:
         """Restart from chunk 0 with the current prompt; buffered frames and the chunk in progress are dropped."""
         self._live().reset(seed)             # thread-safe: applied before the engine's next chunk
+        self._restarted(seed)
+
+    def _restarted(self, seed: int | None) -> None:
+        """This side of a reset the engine has queued: drop what was generated for the old stream."""
         self._epoch += 1
         if seed is not None:
             self._seed = seed
@@ -306,6 +329,8 @@ class StreamSession:
             "buffer_frames": self.buffer_frames(),
             "buffer_chunks": len(self._buffer),
             "frames_generated": self.frames_generated,
+            "start_image": self.start_image,
+            "images": self.images,
             "cache": {
                 "kv_bytes": info.get("kv_bytes"),
                 "attended_tokens": info.get("attended_tokens"),

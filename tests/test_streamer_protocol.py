@@ -37,7 +37,7 @@ def test_valid_messages_parse_to_typed_objects():
 @pytest.mark.parametrize("raw, code", [
     ("{not json", "bad_json"),
     ("[1, 2]", "bad_json"),
-    (b'{"type": "pause"}', "bad_json"),                                  # binary frames
+    (b'', "bad_image"),                                                  # binary frames are pictures (empty here)
     ({"text": "no type"}, "missing_field"),
     ({"type": 5}, "bad_value"),
     ({"type": "teleport"}, "unknown_type"),

@@ -258,7 +258,9 @@ function onWelcome(msg) {
     $("info").append(dt, dd);
   }
   log((msg.resumed ? "resumed session " : "welcome: session ") + msg.session + " (" + msg.preset + ", chunk " + msg.chunk_index + ")");
-  startVideo().catch((e) => { say("Could not start video: " + e.message); log("offer failed: " + e.message); });
+  // a picture picked before connecting is sent before the offer, so generation starts from it
+  const picture = viewer.picture && !msg.resumed ? sendPicture(viewer.picture) : Promise.resolve();
+  picture.finally(() => startVideo().catch((e) => { say("Could not start video: " + e.message); log("offer failed: " + e.message); }));
 }
 
 function onStats(s) {
@@ -407,6 +409,62 @@ $("token-row").onsubmit = (ev) => {
   viewer.attempt = 0;
   connect();
 };
+
+// ------------------------------------------------------------------------------------------------ pictures
+// A picture (with the prompt box's text, which may be empty) starts the stream over from it, or, with "restart"
+// off, cuts to it mid-stream. Picked while disconnected, it is sent right after the welcome, before the offer,
+// so the stream starts from it. The thumbnail is the server's: the picture fitted to the stream (cover + crop).
+
+async function sendPicture(file) {
+  const limits = (viewer.welcome && viewer.welcome.limits) || {};
+  if (!/^image\/(png|jpeg|webp)$/.test(file.type)) { say("Choose a PNG, JPEG or WebP picture (this is " + (file.type || "not an image") + ")."); return; }
+  if (limits.max_image_bytes && file.size > limits.max_image_bytes) {
+    say("That picture is " + fmtBytes(file.size) + "; the limit is " + fmtBytes(limits.max_image_bytes) + "."); return;
+  }
+  if (!viewer.ws || viewer.ws.readyState !== WebSocket.OPEN) {
+    viewer.picture = file;
+    say("The stream will start from " + file.name + " when connected.", true);
+    return;
+  }
+  viewer.picture = null;
+  const data = await new Promise((resolve, reject) => {
+    const r = new FileReader();
+    r.onload = () => resolve(r.result);
+    r.onerror = () => reject(r.error);
+    r.readAsDataURL(file);
+  });
+  const text = $("prompt").value.trim();
+  const restart = $("picture-restart").checked;
+  $("drop").classList.add("busy");
+  try {
+    const ack = await send({ type: "image", data, text, restart, transition: $("transition").value });
+    $("picture-img").src = ack.thumbnail;
+    $("picture-caption").textContent = (ack.start ? "the stream starts from " : "cut to at chunk " + ack.effective_chunk + ": ")
+      + file.name + " (" + ack.width + "×" + ack.height + ")" + (text ? " with “" + text + "”" : ", no prompt");
+    $("picture-thumb").hidden = false;
+    viewer.lastAck = { text: text || file.name, effective_chunk: ack.effective_chunk, shown: false };
+    say("");
+    log("picture " + file.name + " → chunk " + ack.effective_chunk);
+  } catch (e) {
+    say("Picture refused: " + e.message);
+  } finally {
+    $("drop").classList.remove("busy");
+  }
+}
+
+$("picture-file").onchange = () => {
+  const file = $("picture-file").files[0];
+  $("picture-file").value = "";               // picking the same file again still fires
+  if (file) sendPicture(file);
+};
+$("drop").onkeydown = (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); $("picture-file").click(); } };
+for (const [name, over] of [["dragenter", true], ["dragover", true], ["dragleave", false], ["drop", false]]) {
+  $("drop").addEventListener(name, (ev) => { ev.preventDefault(); $("drop").classList.toggle("over", over); });
+}
+$("drop").addEventListener("drop", (ev) => {
+  const file = ev.dataTransfer && ev.dataTransfer.files[0];
+  if (file) sendPicture(file);
+});
 
 // Connect on load unless ?autoconnect=0.
 if (new URLSearchParams(location.search).get("autoconnect") !== "0") connect();
