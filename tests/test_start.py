@@ -86,7 +86,7 @@ def test_start_picture_is_committed_as_context_and_the_decoder_continues_from_it
     with gen.open("", seed=3, cache="packed", start=img) as s:
         committed = []
         finish = s._finish
-        s._finish = lambda x0, slot, prompt, decode: (committed.append(x0.clone()), finish(x0, slot, prompt, decode))[1]
+        s._finish = lambda x0, slot, prompt, decode, row=None: (committed.append(x0.clone()), finish(x0, slot, prompt, decode, row))[1]
         frames = s.next_chunk()
         assert len(frames) == 12                      # a continuation: 4T frames, not the first chunk's 9
         assert s.cache.chunks_seen == 2               # the picture's chunk, then the generated one
@@ -169,3 +169,29 @@ def test_no_picture_no_cost(gen, monkeypatch):
         assert len(s.next_chunk()) == 9
         s.set_prompt("a blue square", transition="recache")
         s.next_chunk()
+
+
+def test_batched_and_snapshotted_sessions_keep_their_pictures(gen, tmp_path):
+    """A picture-only session batches with a prompted one and equals its solo run; a snapshot carries the start
+    picture (a reset after restore replays it) and a queued image cue."""
+    def solo(steps):
+        with gen.open("", seed=3, start=picture(seed=5)) as s:
+            return [s.next_chunk() for _ in range(steps)]
+
+    ref = solo(3)
+    with gen.open("", seed=3, start=picture(seed=5)) as a, gen.open("a red circle", seed=4) as b:
+        for k in range(2):
+            out = gen.next_chunks([a, b])
+            assert not isinstance(out[0], Exception), out[0]
+            assert np.array_equal(out[0], ref[k])
+        a.set_prompt("", image=picture(seed=6))          # a cue waiting for the next chunk
+        path = tmp_path / "pic.snapshot.safetensors"
+        a.snapshot(path)
+        want = a.next_chunk()
+        a.reset()
+        want_reset = a.next_chunk()
+    with gen.restore(path) as r:
+        assert np.array_equal(r.next_chunk(), want)       # the cue was committed after the restore too
+        r.reset()
+        assert np.array_equal(r.next_chunk(), want_reset)  # and the start picture survived for the reset
+    assert np.array_equal(want_reset, ref[0])
