@@ -59,7 +59,7 @@ def test_viewer_starts_from_a_picked_picture_and_shows_its_thumbnail(tiny_genera
                 time.sleep(0.1)
             gs = session._gs
             assert session.start_image and gs.stats()["start_frames"] == 1, page.text_content("#log")
-            assert gs.cache.chunks_seen == gs.chunk_index + 1   # the picture's chunk, then the generated ones
+            assert gs.cache.chunks_seen - gs.chunk_index in (1, 2)   # the picture's chunk (+ one being made)
 
             page.set_input_files("#picture-file", {"name": "broken.png", "mimeType": "image/png",
                                                    "buffer": b"\x89PNG not really"})
