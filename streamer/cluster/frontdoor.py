@@ -229,7 +229,7 @@ class FrontDoor(StreamServer):
             return _response(200, (await self.render_metrics()).encode(), METRICS_CONTENT_TYPE)
         if path.startswith("/admin/"):
             return await self._admin(connection, request, path)
-        return super()._http(connection, request)
+        return await super()._http(connection, request)
 
     def health(self) -> dict:
         views = list(self.views.values())
