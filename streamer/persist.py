@@ -129,21 +129,10 @@ class SessionStore:
     async def _restore_one(self, server: "StreamServer", sid: str, key: str, path: str) -> None:
         from .server import ClientConnection
 
-        cfg, metrics = server.config, server.metrics
+        cfg = server.config
         client = ClientConnection(server, sid)
         client.resume_key = key
-
-        def on_chunk(frames: int, seconds: float, latency: float) -> None:
-            metrics.chunks.inc()
-            metrics.frames_generated.inc(frames)
-            metrics.chunk_seconds.observe(latency)
-
-        def on_error(exc: BaseException) -> None:
-            server._spawn(client.fail("internal", f"generation failed: {exc}", P.CLOSE_INTERNAL))
-
-        session = StreamSession(sid, server.generator, server.worker, prompt=cfg.default_prompt,
-                                seed=cfg.default_seed, cache=cfg.cache, chunks_ahead=cfg.chunks_ahead,
-                                fps=server.generator.preset.fps, on_chunk=on_chunk, on_error=on_error)
+        session = client.new_stream_session()
         await session.restore(path)
         client.session = session
         client.detached_at = time.monotonic()

@@ -66,6 +66,16 @@ class Refused(Exception):
         self.code, self.message, self.close_code = code, message, close_code
 
 
+async def send_refusal(ws: ServerConnection, r: Refused) -> None:
+    """Tell a refused client why (one fatal error) and close with the refusal's code; it may already be gone."""
+    log.info("refused %s: %s", ws.remote_address, r.message)
+    try:
+        await ws.send(P.render_error(r.code, r.message, fatal=True))
+        await ws.close(r.close_code, r.code)
+    except ConnectionClosed:
+        pass
+
+
 class StreamServer:
     def __init__(self, config: ServerConfig, generator=None):
         self.config = config
@@ -379,12 +389,7 @@ class StreamServer:
         except Refused as r:
             self.metrics.rejected.inc(reason=r.code)
             self.metrics.errors.inc(code=r.code)
-            log.info("refused %s: %s", ws.remote_address, r.message)
-            try:
-                await ws.send(P.render_error(r.code, r.message, fatal=True))
-                await ws.close(r.close_code, r.code)
-            except ConnectionClosed:
-                pass
+            await send_refusal(ws, r)
             return
         if client is not None:
             await client.reattach(ws)
@@ -426,11 +431,10 @@ class ClientConnection:
 
     # ---- lifecycle
 
-    async def run(self, ws: ServerConnection) -> None:
-        """The first websocket: open the session, then serve messages until the websocket closes."""
-        server, cfg, preset = self.server, self.server.config, self.preset
-        metrics = server.metrics
-        self.ws = ws
+    def new_stream_session(self) -> StreamSession:
+        """This client's stream with the server's defaults, its chunks counted in /metrics and a generation error
+        ending only this client (a new session, or one restored from a snapshot)."""
+        server, cfg, metrics = self.server, self.server.config, self.server.metrics
 
         def on_chunk(frames: int, seconds: float, latency: float) -> None:
             metrics.chunks.inc()
@@ -440,9 +444,15 @@ class ClientConnection:
         def on_error(exc: BaseException) -> None:
             server._spawn(self.fail("internal", f"generation failed: {exc}", P.CLOSE_INTERNAL))
 
-        self.session = StreamSession(
-            self.sid, server.generator, server.worker, prompt=cfg.default_prompt, seed=cfg.default_seed,
-            cache=cfg.cache, chunks_ahead=cfg.chunks_ahead, fps=preset.fps, on_chunk=on_chunk, on_error=on_error)
+        return StreamSession(self.sid, server.generator, server.worker, prompt=cfg.default_prompt,
+                             seed=cfg.default_seed, cache=cfg.cache, chunks_ahead=cfg.chunks_ahead,
+                             fps=server.generator.preset.fps, on_chunk=on_chunk, on_error=on_error)
+
+    async def run(self, ws: ServerConnection) -> None:
+        """The first websocket: open the session, then serve messages until the websocket closes."""
+        server, cfg, preset = self.server, self.server.config, self.preset
+        self.ws = ws
+        self.session = self.new_stream_session()
         try:
             try:
                 await self.session.open()

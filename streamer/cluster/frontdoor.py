@@ -37,7 +37,7 @@ from websockets.http11 import Request, Response
 from .. import protocol as P
 from ..config import ServerConfig
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Registry
-from ..server import BackgroundServer, Refused, StreamServer, _query, _response
+from ..server import BackgroundServer, Refused, StreamServer, _query, _response, send_refusal
 from . import exposition
 from .config import ClusterConfig
 from .placement import WorkerView, pick
@@ -316,12 +316,7 @@ class FrontDoor(StreamServer):
                               P.CLOSE_TRY_AGAIN_LATER)
         except Refused as r:
             self.cmetrics.rejected.inc(reason=r.code)
-            log.info("refused %s: %s", ws.remote_address, r.message)
-            try:
-                await ws.send(P.render_error(r.code, r.message, fatal=True))
-                await ws.close(r.close_code, r.code)
-            except ConnectionClosed:
-                pass
+            await send_refusal(ws, r)
             return
         self.relays.add(relay)
         try:
