@@ -450,7 +450,7 @@ class ClientConnection:
 
     async def run(self, ws: ServerConnection) -> None:
         """The first websocket: open the session, then serve messages until the websocket closes."""
-        server, cfg, preset = self.server, self.server.config, self.preset
+        server, cfg, metrics = self.server, self.server.config, self.server.metrics
         self.ws = ws
         self.session = self.new_stream_session()
         try:
