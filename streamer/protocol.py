@@ -319,15 +319,21 @@ def _parse_offer(obj, limits, mid) -> Offer:
     return Offer(sdp=sdp, id=mid)
 
 
-def _parse_prompt(obj, limits, mid) -> Prompt:
-    text = check_prompt_text(_require(obj, "text", str, "prompt", mid), limits, mid)
-    transition = _typed(obj.get("transition", "cut"), "transition", str, "prompt", mid)
+def _transition(obj: dict, what: str, limits: Limits, mid: MessageId) -> tuple[str, int]:
+    """The `transition` and `blend_chunks` fields shared by prompt and image messages."""
+    transition = _typed(obj.get("transition", "cut"), "transition", str, what, mid)
     if transition not in TRANSITIONS:
         raise ProtocolError(
-            "bad_value", f"prompt.transition must be one of {', '.join(TRANSITIONS)}, not {transition[:40]!r}", mid)
-    blend = _typed(obj.get("blend_chunks", 4), "blend_chunks", int, "prompt", mid)
+            "bad_value", f"{what}.transition must be one of {', '.join(TRANSITIONS)}, not {transition[:40]!r}", mid)
+    blend = _typed(obj.get("blend_chunks", 4), "blend_chunks", int, what, mid)
     if not 1 <= blend <= limits.max_blend_chunks:
-        raise ProtocolError("bad_value", f"prompt.blend_chunks must be in 1..{limits.max_blend_chunks}", mid)
+        raise ProtocolError("bad_value", f"{what}.blend_chunks must be in 1..{limits.max_blend_chunks}", mid)
+    return transition, blend
+
+
+def _parse_prompt(obj, limits, mid) -> Prompt:
+    text = check_prompt_text(_require(obj, "text", str, "prompt", mid), limits, mid)
+    transition, blend = _transition(obj, "prompt", limits, mid)
     return Prompt(text=text, transition=transition, blend_chunks=blend, id=mid)
 
 
@@ -354,13 +360,7 @@ def _parse_image(obj, limits, mid) -> ImageCue:
         raise ProtocolError("bad_value", "image.data must be base64 (or a base64 data: URL)", mid) from None
     text = _typed(obj.get("text", ""), "text", str, "image", mid)
     text = check_prompt_text(text, limits, mid) if text.strip() else ""
-    transition = _typed(obj.get("transition", "cut"), "transition", str, "image", mid)
-    if transition not in TRANSITIONS:
-        raise ProtocolError(
-            "bad_value", f"image.transition must be one of {', '.join(TRANSITIONS)}, not {transition[:40]!r}", mid)
-    blend = _typed(obj.get("blend_chunks", 4), "blend_chunks", int, "image", mid)
-    if not 1 <= blend <= limits.max_blend_chunks:
-        raise ProtocolError("bad_value", f"image.blend_chunks must be in 1..{limits.max_blend_chunks}", mid)
+    transition, blend = _transition(obj, "image", limits, mid)
     restart = _typed(obj.get("restart", False), "restart", bool, "image", mid)
     return ImageCue(data=_image_bytes(data, limits, mid), text=text, transition=transition, blend_chunks=blend,
                     restart=restart, id=mid)
