@@ -18,6 +18,8 @@ What batches with what:
   * Rows must sit at the same temporal positions (anchor). Bounded caches (packed, window) keep a constant anchor,
     so all their sessions batch whatever their chunk counts; `full` cache sessions batch only with others at the
     same chunk index (one model call per anchor group).
+  * Rows guided the same way batch together (`_guidance_mode`): against the empty prompt, unguided (a picture
+    with an empty prompt), or with context guidance (denoised row by row, committed batched).
   * Mid-block selection stays per session: each session's reader scores its own bank with its own conditional
     queries at the first step, exactly as alone.
 
