@@ -75,7 +75,7 @@ def test_viewer_decodes_video_and_acknowledges_a_typed_prompt(tiny_generator):
             page.fill("#prompt", "a green square sliding left")
             page.press("#prompt", "Enter")
             page.wait_for_function(
-                "document.getElementById('ack').textContent.includes('takes effect at chunk')", timeout=30_000)
+                "document.getElementById('ack').textContent.includes('takes effect at chunk')", timeout=60_000)
             assert bg.server.clients and next(iter(bg.server.clients.values())).session.requested_prompt == \
                 "a green square sliding left"
             page.wait_for_function("document.getElementById('s-cache').textContent !== '–'", timeout=10_000)
