@@ -7,7 +7,9 @@ each denoising step's model call and the commit pass. Per chunk (`Generator.next
     2. per denoising step: ONE model call on the stacked chunks (with guidance: conditional rows then empty-prompt
        rows, 2N rows); the sampler's update per session (its own noise generator, its own guidance)
     3. ONE commit pass on the stacked clean latents, its K/V written row by row into each session's cache
-    4. per session: cache.end_chunk, then `_finish` (decode, compress) as when it runs alone
+    4. `finish_rows`: per session cache.end_chunk; ONE streaming decode for all sessions whose decoders are alike
+       (same `first`, same cached-feature shapes: a new session decodes its first chunk apart); ONE compressor pass
+       and ONE `encode_tokens` pass writing each packed cache's compressed backup into its own slot
 
 What batches with what:
   * Every row shares the linear layers, norms, FFN and cross-attention (per-row prompt K/V stacked: text is
@@ -25,12 +27,14 @@ What batches with what:
 
 Exactness: a session's frames are bit-identical to running it alone on CPU fp32 (tested). The patch embedding is run
 row by row on the CPU because oneDNN's 3-D convolution rounds differently at batch > 1 (~1e-6); the timestep
-embedding is computed once and broadcast. On CUDA no bit-identity is claimed (cuBLAS picks kernels by shape).
+embedding is computed once and broadcast. The finish keeps it exact with `packcache.exact`: the VAE and compressor
+run every convolution on oneDNN, alone and batched alike, and the compressed blocks' few tokens go through each
+linear layer per session. On CUDA no bit-identity is claimed (cuBLAS picks kernels by shape).
 
 Errors: a session that fails in its own phases (closed, reset, prompt, decode) gets its exception; if a batched
-model call fails, its sessions are retried alone from the same point (noise generator restored; bounded caches'
-writes go to fixed slots, so a retried commit overwrites a partial one), so only the session at fault gets the
-error. A `full` cache whose batched commit failed may hold a partial append and is not retried: it gets the error.
+model call, decode or compression fails, its sessions are retried alone from the same point (noise generator
+restored; decoders change only after a whole batched decode; bounded caches' writes go to fixed slots, so a
+retried commit or compression overwrites a partial one), so only the session at fault gets the error. A `full` cache whose batched commit failed may hold a partial append and is not retried: it gets the error.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import PackCacheError
+from .exact import rowwise_linears
 from .model import AttnPlan, PromptContext
 from .rope import grid_positions
 from .vae import frames_to_uint8
@@ -149,12 +154,13 @@ def batched_forward(gen: "Generator", latents: list[torch.Tensor], copies: int, 
 class _Row:
     """One session's state through a batched step."""
 
-    __slots__ = ("index", "session", "prompt", "anchor", "rng_state", "x0", "slot", "result")
+    __slots__ = ("index", "session", "prompt", "anchor", "rng_state", "x0", "slot", "result", "clock", "pixels")
 
     def __init__(self, index: int, session: "GenerationSession"):
         self.index, self.session = index, session
-        self.prompt = self.anchor = self.rng_state = self.x0 = self.slot = None
+        self.prompt = self.anchor = self.rng_state = self.x0 = self.slot = self.pixels = None
         self.result: object = None
+        self.clock: dict | None = None      # this chunk's row in the session's StageClock
 
 
 def _guidance_mode(session: "GenerationSession") -> str:
@@ -207,7 +213,7 @@ def _commit(gen: "Generator", rows: list[_Row]) -> None:
 def _run_group(gen: "Generator", rows: list[_Row]) -> None:
     """Denoise and commit one anchor group; a failed batched call falls back to each row alone."""
     try:
-        _denoise(gen, rows)
+        _timed(gen, rows, "denoise", lambda: _denoise(gen, rows))
     except Exception as exc:  # noqa: BLE001 - find the session at fault: each one again, alone
         if len(rows) == 1:
             rows[0].result = exc
@@ -223,7 +229,7 @@ def _run_group(gen: "Generator", rows: list[_Row]) -> None:
     if not rows:
         return
     try:
-        _commit(gen, rows)
+        _timed(gen, rows, "commit", lambda: _commit(gen, rows))
     except Exception as exc:  # noqa: BLE001
         if len(rows) == 1:
             rows[0].result = exc
@@ -265,6 +271,7 @@ def step_sessions(gen: "Generator", sessions: list["GenerationSession"], decode:
                 r.prompt = s._prompt_for_chunk()
                 r.anchor = s.cache.begin_chunk()
                 r.rng_state = s._rng.get_state()
+                r.clock = s.clock.new_chunk(s.chunk_index)
                 live.append(r)
             except Exception as exc:  # noqa: BLE001
                 s._abort_step()
@@ -274,26 +281,134 @@ def step_sessions(gen: "Generator", sessions: list["GenerationSession"], decode:
             groups[(r.anchor, _guidance_mode(r.session))].append(r)
         for group in groups.values():
             _run_group(gen, group)
-        for r in live:
-            s = r.session
-            if r.result is not None:
-                s._rng.set_state(r.rng_state)   # a failed chunk leaves the noise stream where it was
-                s._abort_step()
-                continue
-            try:
-                r.slot = s.cache.end_chunk(r.x0)
-                pixels = s._finish(r.x0, r.slot, r.prompt, decode)
-            except Exception as exc:  # noqa: BLE001
-                s._abort_step()
-                r.result = exc
-                continue
-            s._end_step(r.x0, start)
-            r.result = frames_to_uint8(pixels)[0] if decode else r.x0
+        finish_rows(gen, live, decode, start)
     except BaseException:
         for r in live:
             r.session._abort_step()
         raise
     return [r.result for r in rows]
+
+
+# ---- the finish: partition update, decode, compressed backup, for all rows at once --------------------------------
+def finish_rows(gen: "Generator", rows: list[_Row], decode: bool, start: float) -> None:
+    """Everything after the batched commit, for every row of a step: each row gets its `result` (frames, latents
+    with decode=False, or its exception) and its session leaves the step (`_end_step` or `_abort_step`).
+
+    A row that already failed (denoise, commit) gets its noise stream restored and its step aborted. The others:
+    `cache.end_chunk` per session; ONE streaming decode for the rows whose decoders are alike
+    (`StreamingDecoder.decode_batched`); ONE compressor pass and ONE `encode_tokens` pass writing each packed cache's
+    compressed backup into its own slot. Each row's result equals its `GenerationSession._finish` alone (bit for
+    bit on the CPU). A batched decode or compression that fails is retried row by row, so only the session at fault
+    gets the error. Self-contained: it may run on another thread than the denoising, after the commit."""
+    todo: list[_Row] = []
+    for r in rows:
+        s = r.session
+        if r.result is not None:
+            s._rng.set_state(r.rng_state)   # a failed chunk leaves the noise stream where it was
+            s._abort_step()
+            continue
+        try:
+            r.slot = s.cache.end_chunk(r.x0)
+        except Exception as exc:  # noqa: BLE001
+            s._abort_step()
+            r.result = exc
+            continue
+        todo.append(r)
+    _decode_rows(gen, todo, decode)
+    _compress_rows(gen, [r for r in todo if r.result is None and _compresses(gen, r)])
+    for r in todo:
+        s = r.session
+        if r.result is not None:
+            s._abort_step()
+            continue
+        s._end_step(r.x0, start)
+        r.result = frames_to_uint8(r.pixels)[0] if decode else r.x0
+        r.pixels = None
+
+
+def _compresses(gen: "Generator", r: _Row) -> bool:
+    """The row's chunk gets a compressed backup (packed cache, chunk held in the recent ring) — as in `_finish`."""
+    return r.session.cache.compresses and r.slot is not None
+
+
+def _timed(gen: "Generator", rows: list[_Row], stage: str, fn) -> None:
+    """Run fn() once for all rows, recording its time as `stage` in each row's StageClock row."""
+    t = time.perf_counter()
+    try:
+        fn()
+    finally:
+        ms = (time.perf_counter() - t) * 1e3
+        for r in rows:
+            if r.clock is not None:
+                r.clock[stage] = r.clock.get(stage, 0.0) + ms
+
+
+def _decode_rows(gen: "Generator", rows: list[_Row], decode: bool) -> None:
+    """The rows' streaming decodes, one pass per group of alike decoders (`StreamingDecoder.batch_key`)."""
+    from .vae import StreamingDecoder
+
+    needed = [r for r in rows if decode or (_compresses(gen, r) and gen.compressor.needs_pixels)]
+    groups: dict[object, list[_Row]] = defaultdict(list)
+    for r in needed:
+        dec = r.session.decoder
+        key = dec.batch_key(r.x0) if isinstance(dec, StreamingDecoder) else None
+        groups[key if key is not None else ("alone", id(r))].append(r)
+    for group in groups.values():
+        def run(group=group):
+            if len(group) > 1:
+                try:
+                    pixels = StreamingDecoder.decode_batched([r.session.decoder for r in group],
+                                                             [r.x0 for r in group])
+                    for r, p in zip(group, pixels):
+                        r.pixels = p
+                    return
+                except Exception as exc:  # noqa: BLE001 - decoders are untouched: each one again, alone
+                    log.warning("batched decode of %d sessions failed (%r); decoding them one by one", len(group),
+                                exc)
+            for r in group:
+                try:
+                    r.pixels = r.session.decoder.decode(r.x0)
+                except Exception as exc:  # noqa: BLE001
+                    r.result = exc
+        _timed(gen, group, "decode", run)
+
+
+def _compress_rows(gen: "Generator", rows: list[_Row]) -> None:
+    """The rows' compressed backups: one compressor pass on the stacked chunks, one `encode_tokens` pass writing
+    each row's K/V into its own cache slot. Fixed slots: a retry after a failed batched pass overwrites it."""
+    if not rows:
+        return
+
+    def run():
+        if len(rows) > 1:
+            try:
+                _compress_batched(gen, rows)
+                return
+            except Exception as exc:  # noqa: BLE001
+                log.warning("batched compression of %d sessions failed (%r); compressing them one by one",
+                            len(rows), exc)
+        for r in rows:
+            try:
+                tokens = gen.compressor(r.x0, gen.block_grid, r.pixels)
+                r.session._encode_compressed(r.slot, tokens, r.prompt)
+            except Exception as exc:  # noqa: BLE001
+                r.result = exc
+    _timed(gen, rows, "compress", run)
+
+
+def _compress_batched(gen: "Generator", rows: list[_Row]) -> None:
+    model = gen.model
+    pixels = torch.cat([r.pixels for r in rows]) if gen.compressor.needs_pixels else None
+    tokens = gen.compressor(torch.cat([r.x0 for r in rows]), gen.block_grid, pixels)      # (N, Nb, dim)
+    writers = [r.session.cache.compressor_writer(r.slot, tokens[i:i + 1].clone()) for i, r in enumerate(rows)]
+    offsets = rows[0].session.cache.geo.block_temporal_offsets()
+    pos = grid_positions(*gen.block_grid, offsets, spatial_stride=4.0)
+    x = tokens.to(model._dtype)
+    _, proj = model._time(torch.zeros(1, device=x.device), x[:1])     # (1, 6, dim): broadcast over rows, as alone
+    cos, sin = model.rope_for(("tokens", "block", gen.block_grid), pos, x.device)
+    with rowwise_linears(len(rows), x.device):      # a block is a few tokens: see packcache/exact.py
+        model._blocks(x, StackedPrompt([r.prompt for r in rows]), proj,
+                      AttnPlan(cos=cos, sin=sin, kv=BatchedAccess(writers, list(range(len(rows))))))
 
 
 # ---- admission: how many sessions fit in the device's memory ----------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .exact import batch_invariant_convs
 from .presets import CompressorConfig
 
 
@@ -86,6 +87,11 @@ class MidCompressor(nn.Module):
         return self._fit(self._patch_embedding(pooled.to(w.dtype)), grid)
 
     def forward(self, latents: torch.Tensor, grid: tuple[int, int, int], pixels: torch.Tensor | None = None):
+        # a batch of sessions' chunks compresses each exactly as alone on the CPU (packcache/exact.py)
+        with batch_invariant_convs(latents.device):
+            return self._forward(latents, grid, pixels)
+
+    def _forward(self, latents: torch.Tensor, grid: tuple[int, int, int], pixels: torch.Tensor | None):
         if self.mode == "pool":
             x = self.pool_branch(latents, grid)
         elif "lr" in self.mode:

@@ -17,12 +17,15 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, patchify, unpatchify
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from .exact import batch_invariant_convs
 from .errors import PresetError
 from .presets import VAEConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["StreamingDecoder", "VideoVAE", "decode_unclamped", "frames_to_uint8"]
+
+_STACKABLE = object()   # batch_key's marker for a cache entry that is a tensor (its shape follows)
 
 
 def _count_causal_convs(module: torch.nn.Module) -> int:
@@ -126,10 +129,11 @@ class VideoVAE:
             x = patchify(x, patch_size=self._patch)
         cache: list[Any] = [None] * self._enc_convs
         outs = []
-        for i in range(1 + (f - 1) // t):
-            sl = x[:, :, :1] if i == 0 else x[:, :, 1 + t * (i - 1) : 1 + t * i]
-            outs.append(self.vae.encoder(sl, feat_cache=cache, feat_idx=[0]))
-        moments = self.vae.quant_conv(torch.cat(outs, dim=2))
+        with batch_invariant_convs(self.device):   # a batch of clips encodes each as alone (packcache/exact.py)
+            for i in range(1 + (f - 1) // t):
+                sl = x[:, :, :1] if i == 0 else x[:, :, 1 + t * (i - 1) : 1 + t * i]
+                outs.append(self.vae.encoder(sl, feat_cache=cache, feat_idx=[0]))
+            moments = self.vae.quant_conv(torch.cat(outs, dim=2))
         return self.normalize(DiagonalGaussianDistribution(moments).mode())
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -197,9 +201,57 @@ class StreamingDecoder:
             b, _, _, h, w = latents.shape
             return torch.zeros(b, 3, 0, h * v.spatial_stride, w * v.spatial_stride, device=v.device)
         z = v.denormalize(latents).to(device=v.device, dtype=v.dtype)
-        out = decode_unclamped(v.vae, z, self._cache, first=self._first)
+        with batch_invariant_convs(v.device):     # the same kernels as `decode_batched`: batching stays exact
+            out = decode_unclamped(v.vae, z, self._cache, first=self._first)
         self._first = False
         return torch.clamp(out, -1.0, 1.0).float()
+
+    # ---- several streams in one pass (packcache/batch.py) ---------------------------------------------------------
+    def batch_key(self, latents: torch.Tensor) -> tuple | None:
+        """Decoders whose keys are equal can decode their next chunks together (`decode_batched`): the same VAE, the
+        same `first`, latents of one shape, and per conv the same cache entry (None, the marker "Rep", or a tensor
+        of one shape, batch aside). None: this one decodes alone (closed, or an empty chunk)."""
+        if self._closed or self._cache is None or latents.ndim != 5 or latents.shape[2] == 0:
+            return None
+        b = latents.shape[0]
+        entries = []
+        for c in self._cache:
+            if isinstance(c, torch.Tensor):
+                if c.shape[0] != b:
+                    return None
+                entries.append((_STACKABLE, tuple(c.shape[1:]), c.dtype, c.device))
+            else:
+                entries.append(c)
+        return (id(self._vae), self._first, tuple(latents.shape[1:]), latents.dtype, tuple(entries))
+
+    @classmethod
+    @torch.no_grad()
+    def decode_batched(cls, decoders: list[StreamingDecoder], latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each decoder's next chunk, all in one pass of the decoder: latents and conv caches stacked along the
+        batch, pixels and caches split back. Equals each `decoder.decode(latents)` alone: bit for bit on the CPU
+        (packcache/exact.py), to kernel rounding on CUDA. The decoders must
+        share one `batch_key`; their state changes only when the whole pass succeeded."""
+        if len(decoders) != len(latents) or not decoders:
+            raise ValueError("decode_batched needs one latents tensor per decoder")
+        keys = {d.batch_key(x) for d, x in zip(decoders, latents)}
+        if None in keys or len(keys) != 1 or len({id(d) for d in decoders}) != len(decoders):
+            raise ValueError("decode_batched needs distinct decoders of one batch_key")
+        if len(decoders) == 1:
+            return [decoders[0].decode(latents[0])]
+        v = decoders[0]._vae
+        sizes = [x.shape[0] for x in latents]
+        z = v.denormalize(torch.cat(latents)).to(device=v.device, dtype=v.dtype)
+        caches = [d._cache for d in decoders]
+        stacked = [torch.cat(col) if isinstance(col[0], torch.Tensor) else col[0] for col in zip(*caches)]
+        with batch_invariant_convs(v.device):
+            out = decode_unclamped(v.vae, z, stacked, first=decoders[0]._first)
+        out = torch.clamp(out, -1.0, 1.0).float()
+        # each stream owns its cache again (a clone, not a view that would keep the stacked tensor alive)
+        split = [c.split(sizes) if isinstance(c, torch.Tensor) else [c] * len(sizes) for c in stacked]
+        for i, d in enumerate(decoders):
+            d._cache = [parts[i].clone() if isinstance(parts[i], torch.Tensor) else parts[i] for parts in split]
+            d._first = False
+        return list(out.split(sizes))
 
     # ---- snapshots (packcache/snapshot.py) ---------------------------------------------------------------------
     def state_dict(self) -> dict:
