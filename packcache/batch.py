@@ -39,6 +39,7 @@ retried commit or compression overwrites a partial one), so only the session at 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -315,7 +316,7 @@ def finish_rows(gen: "Generator", rows: list[_Row], decode: bool, start: float) 
             continue
         todo.append(r)
     _decode_rows(gen, todo, decode)
-    _compress_rows(gen, [r for r in todo if r.result is None and _compresses(gen, r)])
+    _compress_rows(gen, [r for r in todo if r.result is None and _compresses(r)])
     for r in todo:
         s = r.session
         if r.result is not None:
@@ -326,13 +327,25 @@ def finish_rows(gen: "Generator", rows: list[_Row], decode: bool, start: float) 
         r.pixels = None
 
 
-def _compresses(gen: "Generator", r: _Row) -> bool:
+def _compresses(r: _Row) -> bool:
     """The row's chunk gets a compressed backup (packed cache, chunk held in the recent ring) — as in `_finish`."""
     return r.session.cache.compresses and r.slot is not None
 
 
 def _timed(gen: "Generator", rows: list[_Row], stage: str, fn) -> None:
-    """Run fn() once for all rows, recording its time as `stage` in each row's StageClock row."""
+    """Run fn() once for all rows, recording its time as `stage` in each row's StageClock row (the pass they
+    shared): wall time on the CPU, a pair of events on CUDA (read only when asked for, as `StageClock` does)."""
+    if gen.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            fn()
+        finally:
+            end.record()
+            for r in rows:
+                if r.clock is not None:
+                    r.clock[stage] = (start, end)
+        return
     t = time.perf_counter()
     try:
         fn()
@@ -347,7 +360,7 @@ def _decode_rows(gen: "Generator", rows: list[_Row], decode: bool) -> None:
     """The rows' streaming decodes, one pass per group of alike decoders (`StreamingDecoder.batch_key`)."""
     from .vae import StreamingDecoder
 
-    needed = [r for r in rows if decode or (_compresses(gen, r) and gen.compressor.needs_pixels)]
+    needed = [r for r in rows if decode or (_compresses(r) and gen.compressor.needs_pixels)]
     groups: dict[object, list[_Row]] = defaultdict(list)
     for r in needed:
         dec = r.session.decoder
@@ -406,7 +419,8 @@ def _compress_batched(gen: "Generator", rows: list[_Row]) -> None:
     x = tokens.to(model._dtype)
     _, proj = model._time(torch.zeros(1, device=x.device), x[:1])     # (1, 6, dim): broadcast over rows, as alone
     cos, sin = model.rope_for(("tokens", "block", gen.block_grid), pos, x.device)
-    with rowwise_linears(len(rows), x.device):      # a block is a few tokens: see packcache/exact.py
+    exact = rowwise_linears(len(rows), x.device) if not gen.compiled else contextlib.nullcontext()
+    with exact:                                      # a block is a few tokens: see packcache/exact.py
         model._blocks(x, StackedPrompt([r.prompt for r in rows]), proj,
                       AttnPlan(cos=cos, sin=sin, kv=BatchedAccess(writers, list(range(len(rows))))))
 
