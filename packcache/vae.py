@@ -229,8 +229,8 @@ class StreamingDecoder:
     def decode_batched(cls, decoders: list[StreamingDecoder], latents: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each decoder's next chunk, all in one pass of the decoder: latents and conv caches stacked along the
         batch, pixels and caches split back. Equals each `decoder.decode(latents)` alone: bit for bit on the CPU
-        (packcache/exact.py), to kernel rounding on CUDA. The decoders must
-        share one `batch_key`; their state changes only when the whole pass succeeded."""
+        (packcache/exact.py), to kernel rounding on CUDA. The decoders must share one `batch_key`; their state
+        changes only when the whole pass succeeded."""
         if len(decoders) != len(latents) or not decoders:
             raise ValueError("decode_batched needs one latents tensor per decoder")
         keys = {d.batch_key(x) for d, x in zip(decoders, latents)}
