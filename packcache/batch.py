@@ -155,13 +155,15 @@ def batched_forward(gen: "Generator", latents: list[torch.Tensor], copies: int, 
 class _Row:
     """One session's state through a batched step."""
 
-    __slots__ = ("index", "session", "prompt", "anchor", "rng_state", "x0", "slot", "result", "clock", "pixels")
+    __slots__ = ("index", "session", "prompt", "anchor", "rng_state", "x0", "slot", "result", "clock", "pixels",
+                 "ended")
 
     def __init__(self, index: int, session: "GenerationSession"):
         self.index, self.session = index, session
         self.prompt = self.anchor = self.rng_state = self.x0 = self.slot = self.pixels = None
         self.result: object = None
         self.clock: dict | None = None      # this chunk's row in the session's StageClock
+        self.ended = False                  # `end_rows` has run for it
 
 
 def _guidance_mode(session: "GenerationSession") -> str:
@@ -300,21 +302,10 @@ def finish_rows(gen: "Generator", rows: list[_Row], decode: bool, start: float) 
     (`StreamingDecoder.decode_batched`); ONE compressor pass and ONE `encode_tokens` pass writing each packed cache's
     compressed backup into its own slot. Each row's result equals its `GenerationSession._finish` alone (bit for
     bit on the CPU). A batched decode or compression that fails is retried row by row, so only the session at fault
-    gets the error. Self-contained: it may run on another thread than the denoising, after the commit."""
-    todo: list[_Row] = []
-    for r in rows:
-        s = r.session
-        if r.result is not None:
-            s._rng.set_state(r.rng_state)   # a failed chunk leaves the noise stream where it was
-            s._abort_step()
-            continue
-        try:
-            r.slot = s.cache.end_chunk(r.x0)
-        except Exception as exc:  # noqa: BLE001
-            s._abort_step()
-            r.result = exc
-            continue
-        todo.append(r)
+    gets the error. Self-contained: it may run on another thread than the denoising, after the commit; a caller
+    that wants the next chunk's `begin_chunk` before this finish completes calls `end_rows` first itself."""
+    end_rows(rows)
+    todo = [r for r in rows if r.result is None]
     _decode_rows(gen, todo, decode)
     _compress_rows(gen, [r for r in todo if r.result is None and _compresses(r)])
     for r in todo:
@@ -325,6 +316,26 @@ def finish_rows(gen: "Generator", rows: list[_Row], decode: bool, start: float) 
         s._end_step(r.x0, start)
         r.result = frames_to_uint8(r.pixels)[0] if decode else r.x0
         r.pixels = None
+
+
+def end_rows(rows: list[_Row]) -> None:
+    """The partition update after the commit (`cache.end_chunk`), per row; a row that failed before it gets its
+    noise stream restored and its step aborted. Once per row (later calls skip it): `finish_rows` starts with it,
+    or the caller runs it on the critical path, since the next chunk's `begin_chunk` needs it."""
+    for r in rows:
+        if r.ended:
+            continue
+        r.ended = True
+        s = r.session
+        if r.result is not None:
+            s._rng.set_state(r.rng_state)   # a failed chunk leaves the noise stream where it was
+            s._abort_step()
+            continue
+        try:
+            r.slot = s.cache.end_chunk(r.x0)
+        except Exception as exc:  # noqa: BLE001
+            s._abort_step()
+            r.result = exc
 
 
 def _compresses(r: _Row) -> bool:

@@ -224,3 +224,16 @@ def test_convolutions_in_the_mode_are_batch_invariant():
     assert torch.equal(one3, many3) and torch.equal(one2, many2)
     with torch.no_grad():
         torch.testing.assert_close(many3, F.conv3d(torch.cat(xs3), w3, b3, padding=(0, 1, 1)), atol=1e-4, rtol=0)
+
+
+def test_end_rows_first_then_finish_rows_is_the_same_step(gen, monkeypatch):
+    """A caller may run the partition update (`end_rows`) on the critical path and the rest of the finish later:
+    `finish_rows` then skips it (each chunk ends once: the cache state, chunks_seen included, equals solo)."""
+    real = batch.finish_rows
+
+    def split(gen, rows, decode, start):
+        batch.end_rows(rows)
+        assert all(r.ended for r in rows)
+        real(gen, rows, decode, start)
+    monkeypatch.setattr(batch, "finish_rows", split)
+    check(gen, [["old", "new"]] * 3)
