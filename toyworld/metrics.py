@@ -265,13 +265,18 @@ def shape_scores(blob: np.ndarray) -> dict[str, float]:
     return out
 
 
+SHAPE_MIN_IOU = 0.8        # a drawn shape scores >= 0.90 on its own template (toyworld.scene_check); below: "blob"
+SHAPES_READ = ("circle", "square", "triangle", "blob")
+
+
 def classify_shape(blob: np.ndarray, min_area: int = MIN_SUBJECT_AREA) -> str | None:
-    """circle / square / triangle: the template (`shape_scores`) the blob overlaps best; None for a blob
-    smaller than `min_area`."""
+    """circle / square / triangle: the template (`shape_scores`) the blob overlaps best, or "blob" when it
+    overlaps none well enough to be called a shape; None for a blob smaller than `min_area`."""
     if blob.sum() < min_area:
         return None
     scores = shape_scores(blob)
-    return max(scores, key=scores.get)
+    best = max(scores, key=scores.get)
+    return best if scores[best] >= SHAPE_MIN_IOU else "blob"
 
 
 def color_subject_count(color_index: np.ndarray, min_area: int = MIN_SUBJECT_AREA) -> int:
@@ -282,7 +287,8 @@ def color_subject_count(color_index: np.ndarray, min_area: int = MIN_SUBJECT_ARE
 
 def frame_scene(frame: np.ndarray, min_area: int = MIN_SUBJECT_AREA) -> dict:
     """One frame's subjects: `count` (same-colour regions, `color_subject_count`), `blobs` (foreground regions
-    of any colour), the largest blob's shape, its template IoU and its centroid (x, y) in px."""
+    of any colour), the largest blob's shape (`classify_shape`), its best template IoU and its centroid (x, y)
+    in px."""
     mask, idx = foreground(frame[None])
     lab, keep = subjects(mask[0], min_area)
     if not keep:
@@ -290,9 +296,12 @@ def frame_scene(frame: np.ndarray, min_area: int = MIN_SUBJECT_AREA) -> dict:
     blob = lab == keep[0]
     scores = shape_scores(blob)
     shape = max(scores, key=scores.get)
+    iou = scores[shape]
+    if iou < SHAPE_MIN_IOU:
+        shape = "blob"
     ys, xs = np.nonzero(blob)
     return {"count": color_subject_count(idx[0], min_area), "blobs": len(keep), "shape": shape,
-            "iou": scores[shape], "centroid": (xs.mean() + 0.5, ys.mean() + 0.5)}
+            "iou": iou, "centroid": (xs.mean() + 0.5, ys.mean() + 0.5)}
 
 
 # --- background -----------------------------------------------------------------------------------------------
@@ -348,47 +357,64 @@ def background_color(frames: np.ndarray) -> str | None:
     return list(BACKGROUND_COLORS)[int(votes.argmax())]
 
 
-# thresholds on the background's luma (0-255), chosen on rendered frames (toyworld.scene_check)
-PATTERN_FLAT_STD = 2.5     # below: solid (the faintest drawn pattern, a black gradient, has std ~4)
-PATTERN_PLANE_R2 = 0.85    # a plane explains a gradient almost fully; stripes and checkers far less
-PATTERN_1D_R2 = 0.6        # stripes are constant along their direction; a checker along none of the four
+# thresholds on the background's luma (0-255) and template fits, chosen on rendered frames (toyworld.scene_check)
+PATTERN_FLAT_STD = 2.5     # robust spread below this: solid (the faintest drawn pattern, a black gradient, has ~4)
+PATTERN_MIN_R2 = 0.3       # a background no template explains this well is "other" (texture, noise), not a pattern
+PATTERNS_READ = ("solid", "gradient", "stripes", "checker", "other")
+
+_PATTERN_TEMPLATES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _pattern_templates(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The world's own stripes (4 angles) and checkers at every period it draws (0.2-0.4 of the frame, step
+    0.005), as 0/1 maps: -> (templates (N, size, size), kind index (N,): 0 stripes, 1 checker)."""
+    if size not in _PATTERN_TEMPLATES:
+        from .world import Background, _background
+        maps, kinds = [], []
+        for period in np.arange(0.2, 0.4001, 0.005):
+            for kind, angles in (("stripes", (0.0, np.pi / 2, np.pi / 4, -np.pi / 4)), ("checker", (0.0,))):
+                for ang in angles:
+                    lum = _background(Background(kind, "gray", float(ang), float(period)), size).mean(-1)
+                    maps.append(lum > lum.mean())
+                    kinds.append(0 if kind == "stripes" else 1)
+        _PATTERN_TEMPLATES[size] = (np.stack(maps).astype(np.float32), np.array(kinds))
+    return _PATTERN_TEMPLATES[size]
 
 
 def pattern_features(img: np.ndarray, valid: np.ndarray) -> dict[str, float]:
-    """Luma spread (robust: interquartile), the share of its variance a plane explains, and the most any one of the world's four stripe
-    directions (0, 90, 45, -45 degrees) explains as a function of position along it alone."""
+    """How well each of the world's patterns explains the background's luma: a robust spread (interquartile, so a
+    stray rim pixel is not a pattern), and the share of variance explained by a plane (gradient), by the best of
+    the world's stripe maps and by the best of its checker maps (each fitted as a + b * map)."""
     luma = img @ np.array([0.299, 0.587, 0.114], np.float32)
     h, w = valid.shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
-    L, X, Y = luma[valid], xx[valid], yy[valid]
-    var = float(L.var())
-    q1, q3 = np.percentile(L, [25, 75])
-    feats = {"std": float((q3 - q1) / 1.349), "plane_r2": 0.0, "line_r2": 0.0}   # robust: a stray rim pixel is not a pattern
+    L = luma[valid]
+    q1, q3 = np.percentile(L, [25, 75]) if L.size else (0.0, 0.0)
+    feats = {"std": float((q3 - q1) / 1.349), "gradient_r2": 0.0, "stripes_r2": 0.0, "checker_r2": 0.0}
+    var = float(L.var()) if L.size else 0.0
     if var < 1e-6 or L.size < 16:
         return feats
-    A = np.stack([np.ones_like(X), X, Y], 1)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
+    A = np.stack([np.ones_like(L), xx[valid], yy[valid]], 1)
     coef, *_ = np.linalg.lstsq(A, L, rcond=None)
-    feats["plane_r2"] = float(1 - ((L - A @ coef) ** 2).mean() / var)
-    best = 0.0
-    for ang in (0.0, np.pi / 2, np.pi / 4, -np.pi / 4):
-        u = X * np.cos(ang) + Y * np.sin(ang)
-        b = np.floor((u - u.min()) * w).astype(int)            # one bin per pixel step along the direction
-        cnt = np.bincount(b)
-        mean = np.bincount(b, L) / np.maximum(cnt, 1)
-        best = max(best, float(1 - ((L - mean[b]) ** 2).mean() / var))
-    feats["line_r2"] = best
+    feats["gradient_r2"] = float(1 - ((L - A @ coef) ** 2).mean() / var)
+    if h == w:
+        maps, kinds = _pattern_templates(h)
+        T = maps[:, valid]                                                  # (N, P)
+        Tc = T - T.mean(1, keepdims=True)
+        Lc = L - L.mean()
+        r2 = (Tc @ Lc) ** 2 / np.maximum((Tc ** 2).sum(1) * (Lc ** 2).sum(), 1e-9)   # squared correlation
+        feats["stripes_r2"] = float(r2[kinds == 0].max())
+        feats["checker_r2"] = float(r2[kinds == 1].max())
     return feats
 
 
 def classify_pattern(feats: dict[str, float]) -> str:
-    """solid / gradient / stripes / checker from `pattern_features`."""
+    """solid / gradient / stripes / checker from `pattern_features`, or "other" when none explains it."""
     if feats["std"] < PATTERN_FLAT_STD:
         return "solid"
-    if feats["plane_r2"] > PATTERN_PLANE_R2:
-        return "gradient"
-    if feats["line_r2"] > PATTERN_1D_R2:
-        return "stripes"
-    return "checker"
+    fits = {k: feats[f"{k}_r2"] for k in ("gradient", "stripes", "checker")}
+    best = max(fits, key=fits.get)
+    return best if fits[best] >= PATTERN_MIN_R2 else "other"
 
 
 def background_pattern(frames: np.ndarray) -> str | None:
@@ -460,3 +486,23 @@ def scene_report(frames: np.ndarray, min_area: int = MIN_SUBJECT_AREA) -> dict:
         "centroids": cents,
         "motion": classify_motion(motion_features(cents)),
     }
+
+
+def prompt_scene(prompt: str) -> dict[str, str | None]:
+    """What a prompt asks for, read with the caption grammar's vocabulary (canonical words and paraphrases):
+    subject colour, shape and motion, background colour and pattern; None for what it does not say."""
+    from .world import BACKGROUND_WORDS, BG_COLOR_SYNONYMS, MOTION_WORDS, SHAPE_WORDS
+    text = " " + " ".join(re.findall(r"[a-z\-]+", prompt.lower())) + " "
+
+    def find(vocab: dict[str, list[str]]) -> str | None:
+        hits = [(text.find(f" {w} "), len(w), key) for key, ws in vocab.items() for w in ws if f" {w} " in text]
+        return min(hits, key=lambda h: (h[0], -h[1]))[2] if hits else None
+
+    bg_color = None
+    m = re.search(r"((?:[a-z]+ )?[a-z]+) (?:background|backdrop)", text)
+    if m:
+        words = m.group(1).split()
+        lookup = {w: c for c, ws in BG_COLOR_SYNONYMS.items() for w in ws}
+        bg_color = lookup.get(" ".join(words)) or lookup.get(words[-1])
+    return {"color": prompt_color(prompt), "shape": find(SHAPE_WORDS), "motion": find(MOTION_WORDS),
+            "bg_color": bg_color, "pattern": find(BACKGROUND_WORDS)}
