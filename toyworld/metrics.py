@@ -430,13 +430,16 @@ def background_pattern(frames: np.ndarray) -> str | None:
 def motion_features(centroids: np.ndarray, size: int = 64, fps: int = FPS) -> dict[str, float] | None:
     """Features of a centroid track (N, 2) px that tell the world's motions apart (None when fewer than 8 frames
     show the subject). Orbit keeps a constant distance from the frame's centre; bounce moves at a constant speed
-    in straight lines; zigzag reverses its vertical direction every half second; drift is slow and smooth."""
+    in straight lines; zigzag reverses its vertical direction every half second; drift is slow and smooth. The
+    track is smoothed over 3 frames first: a decoded blob's centroid jitters by a pixel or so."""
     c = np.asarray(centroids, np.float64)
     ok = np.isfinite(c).all(1)
     if ok.sum() < 8:
         return None
     t = np.nonzero(ok)[0]
     c = c[ok]
+    c = np.stack([np.convolve(c[:, k], np.ones(3) / 3, "valid") for k in range(2)], 1)
+    t = t[1:-1]
     v = np.diff(c, axis=0) / np.diff(t)[:, None] * fps                      # px/s between visible frames
     speed = np.linalg.norm(v, axis=1)
     r = np.linalg.norm(c - size / 2, axis=1)
@@ -458,12 +461,12 @@ def classify_motion(feats: dict[str, float] | None) -> str | None:
     toyworld.scene_check); None when the track is too short."""
     if feats is None:
         return None
-    if feats["radius_cv"] < 0.08 and feats["radius"] > 4.0 and feats["speed"] > 8.0:
-        return "orbit"
-    if feats["vy_flips_per_s"] >= 1.2:
-        return "zigzag"
-    if feats["speed"] < 14.0 or feats["speed_cv"] > 0.25:
-        return "drift"
+    if feats["radius_cv"] < 0.1 and feats["radius"] > 4.0 and feats["speed_cv"] < 0.15:
+        return "orbit"            # a circle about the frame's centre at a constant speed
+    if feats["vy_flips_per_s"] >= 1.5:
+        return "zigzag"           # two vertical reversals a second
+    if feats["speed"] < 17.5:
+        return "drift"            # bounce moves at >= 0.25 frame/s = 16 px/s, drift's median is ~12
     return "bounce"
 
 
