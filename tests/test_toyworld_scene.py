@@ -107,3 +107,12 @@ def test_results_sections_split_by_stage_for_merge():
     parts = split_sections(text)
     assert list(parts) == ["vae", "rt", "switch", "long"]
     assert "varied clips" in parts["vae"] and "recache" in parts["switch"] and "### packed" in parts["long"]
+
+
+def test_retrain_probe_data_stats_read_the_training_world():
+    """The retrain plan's data check: shares are shares, and a shape is about one DiT token wide at today's sizes."""
+    from toyworld.retrain_probe import data_stats
+    d = data_stats(clips=8, frames=17, every=8)
+    assert 0.0 <= d["one_subject_frames"] <= 1.0 and 0.0 < d["one_subject_clips"] <= 1.0
+    assert 7.0 <= d["radius_px"] <= 11.0 and 0.8 < d["diameter_tokens"] < 1.4
+    assert sum(d["patterns"].values()) == 8

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from . import metrics as M
-from .world import (BACKGROUND_COLORS, BACKGROUNDS, MOTIONS, SHAPE_COLORS, SHAPES, Scene, render, sample_background,
+from .world import (BACKGROUND_COLORS, BACKGROUNDS, MOTIONS, SHAPES, Scene, render, sample_background,
                     sample_scene, sample_shape)
 
 SIZES = (0.11, 0.14, 0.17)         # the range `world.sample_shape` draws from, ends and middle
@@ -60,12 +60,13 @@ def accuracy(pairs) -> float:
     return sum(t == r for t, r in pairs) / max(1, len(pairs))
 
 
-def check_shapes(frames_per_clip: int = CHUNK, seed: int = 0, through: Through = None) -> dict:
+def check_shapes(frames_per_clip: int = CHUNK, seed: int = 0, through: Through = None,
+                 sizes: tuple[float, ...] = SIZES) -> dict:
     """Every shape x size x motion x background kind, one random colour and placement each."""
     rng = np.random.default_rng(seed)
     pairs, old = [], []
     for shape in SHAPES:
-        for size in SIZES:
+        for size in sizes:
             for motion in MOTIONS:
                 for kind in BACKGROUNDS:
                     s = sample_shape(rng, shape=shape, motion=motion, size=size)
@@ -89,7 +90,8 @@ def check_backgrounds(frames_per_clip: int = CHUNK, seed: int = 1, per_cell: int
                 frames = _through(through, render(scene, int(rng.integers(100_000)), frames_per_clip))
                 pat.append((kind, M.background_pattern(frames)))
                 col.append((color, M.background_color(frames)))
-    return {"clips": len(pat), "pattern_accuracy": accuracy(pat), "pattern_confusion": confusion(pat, BACKGROUNDS, ("other",)),
+    return {"clips": len(pat), "pattern_accuracy": accuracy(pat),
+            "pattern_confusion": confusion(pat, BACKGROUNDS, ("other",)),
             "color_accuracy": accuracy(col), "color_confusion": confusion(col, tuple(BACKGROUND_COLORS))}
 
 
@@ -184,8 +186,8 @@ def report_md(res: dict, title: str = "## The scene readers on rendered ground t
           "| window | windows | rule | forest (CV) |", "|---|---|---|---|"]
     md += [f"| {r['frames']} frames ({r['seconds']:g} s) | {r['windows']} | {r['rule']:.1%} | {r['forest_cv']:.1%} |"
            for r in m["rows"]]
-    md += ["", f"Confusion of the rule at {m['rows'][-1]['frames']} frames:\n", confusion_md(m["rows"][-1]["confusion"]),
-           ""]
+    last = m["rows"][-1]
+    md += ["", f"Confusion of the rule at {last['frames']} frames:\n", confusion_md(last["confusion"]), ""]
     return md
 
 

@@ -56,8 +56,10 @@ def prompt_sets(quick: bool = False) -> dict[str, list[str]]:
     return sets
 
 
-def run_prompt(gen, prompt: str, seed: int, chunks: int = CHUNKS, cache: str = "packed") -> dict:
-    """Generate `chunks` chunks and read each: the per-chunk verdicts against what the prompt asks for."""
+def run_prompt(gen, prompt: str, seed: int, chunks: int = CHUNKS,
+               cache: str = "packed") -> tuple[dict, list[np.ndarray]]:
+    """Generate `chunks` chunks and read each: (the per-chunk verdicts against what the prompt asks for, the
+    chunks' frames)."""
     want = M.prompt_scene(prompt)
     s = gen.open(prompt, seed=seed, cache=cache)
     frames = [s.next_chunk() for _ in range(chunks)]
@@ -155,10 +157,9 @@ def evaluate_scenes(gen, out_dir: Path, quick: bool = False, seed: int = 400) ->
             r, frames = run_prompt(gen, p, seed + k)
             k += 1
             runs.append(r)
-            attr = {"shape": "shape", "pattern": "pattern", "bg_color": "bg_color", "motion": "motion"}[fam]
             read = " ".join(str(m) for m in r["motions"]) if fam == "motion" else \
-                " ".join(str(c[attr]) for c in r["chunks"][:3])
-            rows.append((f"{r['want'][attr]}: read {read}", truth_frame(p), frames))
+                " ".join(str(c[fam]) for c in r["chunks"][:3])           # the family's attribute, first 3 chunks
+            rows.append((f"{r['want'][fam]}: read {read}", truth_frame(p), frames))
         strip(rows, out_dir / f"strip_{fam}.png")
         res["families"][fam] = {"summary": summarize(runs), "runs": runs, "prompts": prompts}
         print(f"scene family {fam}: {format_summary(res['families'][fam]['summary'])}", file=sys.stderr, flush=True)
