@@ -200,6 +200,7 @@ def report_md(res: dict, md_table) -> list[str]:
     md += [md_table(by, [("measure", "measure", "")] + [(f"c{k}", f"chunk {k}", ".0%") for k in range(CHUNKS)]), ""]
     for key, title in (("shape", "Shape"), ("pattern", "Background pattern"), ("bg_color", "Background colour"),
                        ("motion", "Motion word")):
-        md += [f"### {title}: confusion over all chunks of the three sets (rows: asked for; columns: read)\n",
+        unit = f"{MOTION_CHUNKS}-chunk windows" if key == "motion" else "chunks"
+        md += [f"### {title}: confusion over all {unit} of the three sets (rows: asked for; columns: read)\n",
                confusion_md(total["confusion"][key]), ""]
     return md
