@@ -13,7 +13,11 @@ Tables (markdown) are printed and written to toyworld/eval/RESULTS.md:
    is the prompt's colour; then 8 prompts with words training never saw (e.g. "crimson"), reported apart; then the
    same 20 prompts over 8 chunks, by chunk index, packed and window (drift away from the prompt).
 5. Prompt switch (`cut` and `recache`): chunks until the new colour dominates, over 10 switches each.
-6. Extrapolation: 120 s (24x the 5 s training clips) with packed, window and full caches: subject (colour and
+6. Scene (issue 16): per chunk over 8 chunks, on the evaluation prompts, a grid of scenes and its paraphrases:
+   one subject, shape, background colour and pattern, motion word, with confusion tables and one strip PNG per
+   prompt family (`toyworld.scene_eval`), and the scene readers' own accuracy on rendered frames
+   (`toyworld.scene_check`).
+7. Extrapolation: 120 s (24x the 5 s training clips) with packed, window and full caches: subject (colour and
    shape) consistency, background stability and motion per 10 s window, K/V bytes at chunk 10 vs the last chunk,
    and a PNG strip of one frame every 10 s per cache.
 """
@@ -315,6 +319,58 @@ def save_strip(runs: list[dict], path: Path, every_s: float = 10.0, fps: int = 1
     img.save(path)
 
 
+STAGES = ("vae", "sampler", "rt", "prompts", "switch", "scene", "long")
+# the headings each stage's sections start with in RESULTS.md (for --merge)
+_STAGE_HEADINGS = {"## VAE alone": "vae", "## Sampler variants": "sampler", "## Real time": "rt",
+                   "## Prompt following": "prompts", "## Prompt switch": "switch", "## What the stream shows": "scene",
+                   "## The scene readers": "scene", "## Extrapolation": "long"}
+SCENE_MEASURES = {"one_subject": "one subject", "shape": "shape", "bg_color": "bg colour", "pattern": "pattern",
+                  "motion": "motion"}
+
+
+def split_sections(text: str) -> dict[str, str]:
+    """RESULTS.md cut into its stages' sections (each from its first "## " heading to the next stage's)."""
+    out: dict[str, list[str]] = {}
+    stage = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            stage = next((v for k, v in _STAGE_HEADINGS.items() if line.startswith(k)), stage)
+        if stage is not None:
+            out.setdefault(stage, []).append(line)
+    return {k: "\n".join(v) + "\n" for k, v in out.items()}
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    return str(x)
+
+
+def long_scene(frames: np.ndarray, prompt: str = LONG_PROMPT, window_s: float = 10.0, first: int = 9,
+               per_chunk: int = 12) -> dict:
+    """The scene readers over a long stream, chunk by chunk (the first chunk has `first` frames), against what
+    `prompt` asks for: per window of `window_s` seconds and the first, last and mean window."""
+    from .scene_eval import read_chunks
+    bounds = [0, first] + list(range(first + per_chunk, len(frames) + 1, per_chunk))
+    chunks = [frames[a:b] for a, b in zip(bounds, bounds[1:])]
+    want = M.prompt_scene(prompt)
+    per = int(window_s * 16 / per_chunk)
+    windows = []
+    for a in range(0, len(chunks), per):
+        r = read_chunks(chunks[a:a + per], want)
+        if not r["motion_hits"]:
+            continue
+        windows.append({"t0_s": sum(len(c) for c in chunks[:a]) / 16, "one_subject": r["one_subject_frames"],
+                        **{k: float(np.mean(r["hits"][k])) for k in ("shape", "bg_color", "pattern")},
+                        "motion": float(np.mean(r["motion_hits"]))})
+    out = {"windows": windows}
+    for name, sel in (("first", windows[:1]), ("last", windows[-1:]), ("mean", windows)):
+        out[name] = {m: float(np.mean([w[m] for w in sel])) for m in SCENE_MEASURES}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate the toy world model (tables in toyworld/eval/RESULTS.md)")
     ap.add_argument("--weights", default=None, help="a bundle .safetensors (default: the shipped toy weights)")
@@ -323,7 +379,10 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=120.0, help="length of the extrapolation runs")
     ap.add_argument("--full-seconds", type=float, default=None, help="length for the full cache (default: --seconds)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="vae,sampler,rt,prompts,switch,long")
+    ap.add_argument("--only", default="vae,sampler,rt,prompts,switch,scene,long",
+                    help="stages to run; with --merge the others' sections stay as they are in the existing files")
+    ap.add_argument("--merge", action="store_true",
+                    help="update only the stages run in the existing RESULTS.md and results.json")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -335,6 +394,7 @@ def main(argv=None):
     seconds = args.seconds
     if args.quick:
         prompts, unseen, pairs, seconds = PROMPTS[::4], UNSEEN_PROMPTS[::4], SWITCHES[:3], min(seconds, 30.0)
+    marks: dict[str, int] = {}
     results: dict = {"threads": args.threads, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     sc = gen.preset.sampler
     md = [f"# Toy world evaluation\n\n`python -m toyworld.evaluate {' '.join(argv or [])}` on {os.cpu_count()} CPU "
@@ -344,6 +404,7 @@ def main(argv=None):
           f"{gen.preset.compressor.mode}.\n"]
 
     if "vae" in only:
+        marks["vae"] = len(md)
         rows = vae_roundtrip(gen)
         ok = sum(r["color"] == r["decoded"] for r in rows)
         results["vae_roundtrip"] = rows
@@ -361,6 +422,7 @@ def main(argv=None):
         print(md[-2], flush=True)
 
     if "sampler" in only:
+        marks["sampler"] = len(md)
         rows = sampler_variants(gen, prompts, chunks=8)
         results["sampler_variants"] = rows
         md += [f"## Sampler variants, same weights ({len(prompts)} prompts x 8 chunks, packed cache)\n",
@@ -368,6 +430,7 @@ def main(argv=None):
         print(md[-2], flush=True)
 
     if "rt" in only:
+        marks["rt"] = len(md)
         rows = realtime(gen)
         results["realtime"] = rows
         md += ["## Real time (64x64, 16 FPS; chunk = 12 frames)\n",
@@ -376,6 +439,7 @@ def main(argv=None):
         print(md[-2], flush=True)
 
     if "prompts" in only:
+        marks["prompts"] = len(md)
         cols = [("prompt", "prompt", ""), ("want", "colour", ""), ("got", "per-chunk dominant", ""), ("match", "match", "")]
         rows, acc = prompt_following(gen, prompts)
         results["prompt_following"] = {"rows": rows, "accuracy": acc}
@@ -399,6 +463,7 @@ def main(argv=None):
         print(md[-2], flush=True)
 
     if "switch" in only:
+        marks["switch"] = len(md)
         results["prompt_switch"] = {}
         for transition in ("cut", "recache"):   # the two a viewer's typed prompt can ask for without blending
             rows, rate = prompt_switches(gen, pairs, transition=transition)
@@ -410,12 +475,27 @@ def main(argv=None):
                                    ("holds", "holds", "")]), ""]
             print(md[-3], flush=True)
 
+    if "scene" in only:
+        marks["scene"] = len(md)
+        from . import scene_check, scene_eval
+        res = scene_eval.evaluate_scenes(gen, args.out, quick=args.quick)
+        check = scene_check.check_all(quick=args.quick)
+        results["scene"] = {"sets": {k: v["summary"] for k, v in res["sets"].items()},
+                            "families": {k: v["summary"] for k, v in res["families"].items()},
+                            "runs": {k: [{x: r[x] for x in ("prompt", "want", "chunks", "motions")} for r in v["runs"]]
+                                     for k, v in {**res["sets"], **res["families"]}.items()},
+                            "readers_on_renders": check}
+        md += scene_eval.report_md(res, md_table) + scene_check.report_md(check)
+        print("\n".join(md[marks["scene"]:marks["scene"] + 4]), flush=True)
+
     if "long" in only:
+        marks["long"] = len(md)
         runs, summary = [], []
         for kind in ("packed", "window", "full"):
             secs = seconds if kind != "full" or args.full_seconds is None else args.full_seconds
             r = long_run(gen, kind, secs)
             r["windows"] = M.window_report(r["frames"], window_s=10.0)
+            r["scene"] = long_scene(r["frames"])
             runs.append(r)
             kv10 = r["kv"].get(10, (0, 0))
             kvn = r["kv"][r["chunks"]]
@@ -446,6 +526,14 @@ def main(argv=None):
                                   ("kvn", "KV KiB @last", ".0f"), ("tokn", "attended tokens @last", ""),
                                   ("chunk_s_first10", "s/chunk early", ".3f"), ("chunk_s_last10", "s/chunk late", ".3f")]),
                ""]
+        scene_rows = [{"cache": r["kind"], **{f"{m}_{w}": r["scene"][w][m] for m in SCENE_MEASURES
+                                              for w in ("first", "last", "mean")}} for r in runs]
+        results["long"]["scene"] = {r["kind"]: r["scene"] for r in runs}
+        md += ["### What the 120 s streams show besides colour (per chunk; motion per 4 chunks): first 10 s, "
+               "last 10 s, mean over all windows\n",
+               md_table(scene_rows, [("cache", "cache", "")] + [
+                   (f"{m}_{w}", f"{SCENE_MEASURES[m]} {w}", ".0%") for m in SCENE_MEASURES
+                   for w in ("first", "last", "mean")]), ""]
         for r in runs:
             md += [f"### {r['kind']}: per 10 s window\n",
                    md_table(r["windows"], [("t0_s", "from s", ".0f"), ("subject_consistency", "subject", ".2f"),
@@ -455,8 +543,17 @@ def main(argv=None):
                                            ("visible", "subject visible", ".2f")]), ""]
         print("\n".join(md[-8:]), flush=True)
 
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (args.out / "RESULTS.md").write_text("\n".join(md) + "\n")
+    sections = {stage: "\n".join(md[a:b]) for stage, a, b in
+                zip(marks, marks.values(), list(marks.values())[1:] + [len(md)])}
+    header = "\n".join(md[:min(marks.values(), default=len(md))])
+    if args.merge and (args.out / "RESULTS.md").is_file():
+        old = split_sections((args.out / "RESULTS.md").read_text())
+        sections = {k: sections.get(k, old.get(k)) for k in STAGES if k in sections or k in old}
+        if (args.out / "results.json").is_file():
+            results = {**json.loads((args.out / "results.json").read_text()), **results}
+        header = header.rstrip() + f" Merged into the previous results: only stages {', '.join(marks)} were rerun.\n"
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
+    (args.out / "RESULTS.md").write_text("\n".join([header] + [v for v in sections.values() if v]).rstrip() + "\n")
     print(f"wrote {args.out / 'RESULTS.md'}")
 
 

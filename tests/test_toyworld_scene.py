@@ -1,0 +1,118 @@
+"""The scene readers of toyworld/metrics.py (subject count, shape, background colour and pattern, motion word) on
+rendered ground truth, where the answer is known, and the scene evaluation's bookkeeping (no model: fast)."""
+
+import numpy as np
+import pytest
+
+from toyworld import metrics as M
+from toyworld import scene_check as S
+from toyworld.world import (BACKGROUND_COLORS, BACKGROUNDS, MOTIONS, SHAPES, Background, Scene, caption, render,
+                            sample_background, sample_shape, single_shape_scene)
+
+
+def test_shape_reader_is_right_on_rendered_frames_of_every_shape_and_size():
+    res = S.check_shapes(frames_per_clip=2)
+    assert res["frames"] == 3 * 3 * 4 * 4 * 2
+    assert res["accuracy"] >= 0.95                      # issue 16's bar for the classifier on renders
+    for shape in SHAPES:
+        assert res["confusion"][shape][shape] >= 0.9 * sum(res["confusion"][shape].values())
+
+
+def test_a_shapeless_blob_is_not_called_a_shape():
+    """Two overlapping discs of one colour: one region, but no template fits it."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    blob = ((xx - 24) ** 2 + (yy - 30) ** 2 < 81) | ((xx - 36) ** 2 + (yy - 36) ** 2 < 100)
+    scores = M.shape_scores(blob)
+    assert max(scores.values()) < M.SHAPE_MIN_IOU
+    assert M.classify_shape(blob) == "blob"
+    assert M.classify_shape(np.zeros((64, 64), bool)) is None
+
+
+def test_background_colour_and_pattern_readers_on_every_colour_and_pattern():
+    res = S.check_backgrounds(frames_per_clip=4, per_cell=1)
+    assert res["clips"] == len(BACKGROUND_COLORS) * len(BACKGROUNDS)
+    assert res["pattern_accuracy"] >= 0.95 and res["color_accuracy"] >= 0.95
+
+
+def test_a_noisy_background_is_no_pattern():
+    """Texture no template explains reads as "other", not as the last class standing."""
+    rng = np.random.default_rng(0)
+    base = render(Scene(Background("solid", "blue"), ()), 0, 4)
+    noisy = np.clip(base + rng.normal(0, 25, base.shape), 0, 120).astype(np.uint8)
+    assert M.background_pattern(base) == "solid"
+    assert M.background_pattern(noisy) == "other"
+    assert M.background_color(base) == "blue"
+
+
+def test_subject_count_counts_shapes_of_distinct_colours_even_when_they_touch():
+    res = S.check_counts(clips=12, frames_per_clip=3)
+    assert res["one_subject_accuracy"] == 1.0
+    assert res["accuracy"] >= 0.9
+    # two touching shapes of different colours: one foreground region, two subjects
+    rng = np.random.default_rng(1)
+    a = sample_shape(rng, color="red", shape="square", motion="orbit", size=0.15)
+    b = a.__class__(**{**a.__dict__, "color": "blue", "phase": a.phase + 0.5})
+    frame = render(Scene(sample_background(rng, kind="solid"), (a, b)), 0, 1)[0]
+    read = M.frame_scene(frame)
+    assert read["count"] == 2 and read["blobs"] == 1
+
+
+def test_motion_rule_separates_the_four_motions_over_three_seconds():
+    tracks = S.motion_tracks(clips_per_motion=4, frames=48, seed=11)
+    ok = [m == M.classify_motion(M.motion_features(c)) for m, c in tracks]
+    assert np.mean(ok) >= 0.75                            # 92% over 160 tracks in scene_check; few tracks here
+    assert M.motion_features(np.full((20, 2), np.nan)) is None
+    assert M.classify_motion(None) is None
+
+
+@pytest.mark.parametrize("paraphrase", [False, True])
+def test_prompt_scene_reads_back_what_the_grammar_wrote(paraphrase):
+    rng = np.random.default_rng(5)
+    for i in range(40):
+        scene = single_shape_scene("red", shape=SHAPES[i % 3], motion=MOTIONS[i % 4], background=BACKGROUNDS[i % 4],
+                                   bg_color=list(BACKGROUND_COLORS)[i % 8], seed=i)
+        text = caption(scene, rng if paraphrase else None)
+        want = M.prompt_scene(text)
+        s = scene.shapes[0]
+        assert (want["shape"], want["motion"], want["pattern"], want["bg_color"]) == \
+            (s.shape, s.motion, scene.background.kind, scene.background.color), text
+
+
+def test_scene_eval_reads_rendered_chunks_as_right_and_draws_a_strip(tmp_path):
+    """The evaluation's per-chunk bookkeeping on ground truth: every verdict a hit, confusions on the diagonal;
+    the strip has one row per prompt."""
+    from toyworld import scene_eval as E
+    prompt = "a green square zigzagging on a striped brown background"
+    want = M.prompt_scene(prompt)
+    scene = single_shape_scene("green", shape="square", motion="zigzag", background="stripes", bg_color="brown")
+    frames = render(scene, 0, 9 + 12 * 7)
+    chunks = [frames[:9]] + [frames[9 + 12 * k:21 + 12 * k] for k in range(7)]
+    run = {"prompt": prompt, "want": want, **E.read_chunks(chunks, want)}
+    assert all(all(v) for v in run["hits"].values()), run["hits"]
+    assert run["motion_hits"] == [True, True] and run["one_subject_frames"] == 1.0
+    summary = E.summarize([run])
+    assert summary["shape"] == summary["pattern"] == summary["bg_color"] == 1.0
+    assert summary["confusion"]["shape"]["square"]["square"] == 8
+    path = tmp_path / "strip.png"
+    E.strip([("square", E.truth_frame(prompt), chunks), ("again", E.truth_frame(prompt), chunks)], path)
+    from PIL import Image
+    img = Image.open(path)
+    assert img.height > 2 * 64 * 2 and img.width > 6 * 64 * 2
+
+
+def test_results_sections_split_by_stage_for_merge():
+    from toyworld.evaluate import split_sections
+    text = "# head\n\n## VAE alone: x\n\nrow\n\n## VAE alone on varied clips\n\n## Real time (64x64)\n\nt\n\n" \
+           "## Prompt switch (`cut`)\n\n## Prompt switch (`recache`)\n\n## Extrapolation: 120 s\n### packed\n"
+    parts = split_sections(text)
+    assert list(parts) == ["vae", "rt", "switch", "long"]
+    assert "varied clips" in parts["vae"] and "recache" in parts["switch"] and "### packed" in parts["long"]
+
+
+def test_retrain_probe_data_stats_read_the_training_world():
+    """The retrain plan's data check: shares are shares, and a shape is about one DiT token wide at today's sizes."""
+    from toyworld.retrain_probe import data_stats
+    d = data_stats(clips=8, frames=17, every=8)
+    assert 0.0 <= d["one_subject_frames"] <= 1.0 and 0.0 < d["one_subject_clips"] <= 1.0
+    assert 7.0 <= d["radius_px"] <= 11.0 and 0.8 < d["diameter_tokens"] < 1.4
+    assert sum(d["patterns"].values()) == 8
