@@ -85,6 +85,9 @@ class Generator:
         self.compiled = False            # set by packcache.compile.compile_generator
         self.compile_config = None       # a packcache.compile.CompileConfig: warmup() compiles first
         self.finisher = FinishWorker(self.device)
+        if self.device.type == "cpu":    # the VAE's batch-1 3-D convolutions: oneDNN, not the native kernel
+            from .cpuconv import use_onednn_conv3d
+            use_onednn_conv3d(vae.vae)
         self.attention_backend = "sdpa"
         if self.device.type != "meta":
             from .attention import configure
