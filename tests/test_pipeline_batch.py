@@ -138,3 +138,23 @@ def test_the_synchronous_batch_refuses_a_session_whose_finish_failed(tiny_genera
         assert isinstance(gen.next_chunks([s])[0], PackCacheError)
         s.reset()
         assert gen.next_chunks([s])[0].shape[0] == 9
+
+
+def test_threads_are_split_between_the_denoiser_and_the_side_worker_only_when_pipelined():
+    from packcache.pipeline import FinishWorker
+    from packcache.threads import default_threads, pipeline_threads
+
+    assert pipeline_threads(1, True) == (1, 1)       # at least one each
+    assert pipeline_threads(2, True) == (1, 1)
+    assert pipeline_threads(5, True) == (3, 2)
+    assert pipeline_threads(5, False) == (5, 5)      # serial: the side worker runs while the caller waits
+    assert pipeline_threads(0, True) == (0, 0)       # torch's own default
+    assert pipeline_threads(None, False) == (default_threads(),) * 2
+    worker = FinishWorker("cpu", threads=2)
+    try:
+        import torch
+        assert worker.submit(torch.get_num_threads).result() == 2
+        worker.set_threads(1)
+        assert worker.submit(torch.get_num_threads).result() == 1
+    finally:
+        worker.close()
