@@ -6,10 +6,17 @@ each denoising step's model call and the commit pass. Per chunk (`Generator.next
     1. per session: queued reset / prompt, the chunk's prompt (blends), cache.begin_chunk(), its own noise
     2. per denoising step: ONE model call on the stacked chunks (with guidance: conditional rows then empty-prompt
        rows, 2N rows); the sampler's update per session (its own noise generator, its own guidance)
-    3. ONE commit pass on the stacked clean latents, its K/V written row by row into each session's cache
-    4. `finish_rows`: per session cache.end_chunk; ONE streaming decode for all sessions whose decoders are alike
-       (same `first`, same cached-feature shapes: a new session decodes its first chunk apart); ONE compressor pass
-       and ONE `encode_tokens` pass writing each packed cache's compressed backup into its own slot
+    3. ONE commit pass on the stacked clean latents, its K/V written row by row into each session's cache (first
+       waiting for each session's previous finish, if one is still running), then per session cache.end_chunk
+    4. `finish_rows`: ONE streaming decode for all sessions whose decoders are alike (same `first`, same
+       cached-feature shapes: a new session decodes its first chunk apart); ONE compressor pass and ONE
+       `encode_tokens` pass writing each packed cache's compressed backup into its own slot
+
+Steps 1-3 (`commit_rows`) run on the caller. Step 4 runs there too (`step_sessions`, behind `next_chunks`), or on
+the generator's side worker (`submit_sessions`, behind `Generator.submit_chunks`), so the next batch's denoising
+overlaps it. Invariant (kept in `_run_group`, tested in tests/test_pipeline_batch.py): a session's previous finish
+completes before its next commit, which may move that chunk from recent to the mid bank, taking its compressed
+backup; denoising reads no buffer a finish writes, so it need not wait.
 
 What batches with what:
   * Every row shares the linear layers, norms, FFN and cross-attention (per-row prompt K/V stacked: text is
@@ -39,6 +46,7 @@ retried commit or compression overwrites a partial one), so only the session at 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -229,6 +237,12 @@ def _run_group(gen: "Generator", rows: list[_Row]) -> None:
             except Exception as e:  # noqa: BLE001
                 r.result = e
     rows = [r for r in rows if r.result is None]
+    for r in rows:
+        try:
+            r.session._wait_finish()    # the previous chunk's finish (a pipelined step) ends before this commit
+        except Exception as exc:  # noqa: BLE001 - it failed: this session is refused until a reset
+            r.result = exc
+    rows = [r for r in rows if r.result is None]
     if not rows:
         return
     try:
@@ -249,18 +263,24 @@ def _run_group(gen: "Generator", rows: list[_Row]) -> None:
                 r.result = e
 
 
-@torch.no_grad()
-def step_sessions(gen: "Generator", sessions: list["GenerationSession"], decode: bool = True) -> list:
-    """One chunk for each session, batched. Returns per session its frames (uint8 (T, H, W, 3)), or its clean
-    latents with decode=False, or the exception that session raised."""
+def _check_batch(gen: "Generator", sessions: list["GenerationSession"]) -> None:
     if len({id(s) for s in sessions}) != len(sessions):
         raise PackCacheError("a session appears twice in one batch")
     for s in sessions:
         if s.gen is not gen:
             raise PackCacheError("every session of a batch must come from this generator")
+
+
+@torch.no_grad()
+def commit_rows(gen: "Generator", sessions: list["GenerationSession"]) -> tuple[list[_Row], list[_Row], float]:
+    """The first half of a batched step (steps 1-3): begin, batched denoise, batched commit, partition update; each
+    committed session's chunk index advances. Returns (all rows, the committed rows, the step's start time); a row
+    that failed holds its exception in `result` and its session is as before the step (noise stream restored)."""
+    _check_batch(gen, sessions)
     start = time.perf_counter()
     rows = [_Row(i, s) for i, s in enumerate(sessions)]
     live: list[_Row] = []
+    committed: list[_Row] = []
     try:
         for r in rows:
             s = r.session
@@ -270,7 +290,6 @@ def step_sessions(gen: "Generator", sessions: list["GenerationSession"], decode:
                 r.result = exc
                 continue
             try:
-                s._wait_finish()                # a chunk submitted alone (`submit_chunk`) finishes before this one
                 r.prompt = s._prompt_for_chunk()
                 r.anchor = s.cache.begin_chunk()
                 r.rng_state = s._rng.get_state()
@@ -284,36 +303,51 @@ def step_sessions(gen: "Generator", sessions: list["GenerationSession"], decode:
             groups[(r.anchor, _guidance_mode(r.session))].append(r)
         for group in groups.values():
             _run_group(gen, group)
-        finish_rows(gen, live, decode, start)
+        end_rows(live)
+        for r in live:
+            if r.result is None:
+                r.session._end_step(r.x0)       # the chunk index advances before the finish (which may run later)
+                committed.append(r)
     except BaseException:
         for r in live:
             r.session._abort_step()
         raise
+    return rows, committed, start
+
+
+@torch.no_grad()
+def step_sessions(gen: "Generator", sessions: list["GenerationSession"], decode: bool = True) -> list:
+    """One chunk for each session, batched, finished before it returns. Returns per session its frames (uint8
+    (T, H, W, 3)), or its clean latents with decode=False, or the exception that session raised. A session whose
+    finish failed is refused further chunks until a reset, as with `submit_chunk`."""
+    rows, committed, start = commit_rows(gen, sessions)
+    finish_rows(gen, committed, decode, start)
+    for r in committed:
+        if isinstance(r.result, BaseException):
+            r.session._finish_failed = str(r.result) or type(r.result).__name__
     return [r.result for r in rows]
 
 
 # ---- the finish: partition update, decode, compressed backup, for all rows at once --------------------------------
 def finish_rows(gen: "Generator", rows: list[_Row], decode: bool, start: float) -> None:
-    """Everything after the batched commit, for every row of a step: each row gets its `result` (frames, latents
-    with decode=False, or its exception) and its session leaves the step (`_end_step` or `_abort_step`).
+    """The second half of a batched step (step 4), for the rows `commit_rows` committed (their chunk index has
+    advanced): each row gets its `result`, i.e. its frames (uint8 (T, H, W, 3)), its clean latents with
+    decode=False, or the exception its finish raised (that row only), and its session records the chunk's time
+    since `start`.
 
-    A row that already failed (denoise, commit) gets its noise stream restored and its step aborted. The others:
-    `cache.end_chunk` per session; ONE streaming decode for the rows whose decoders are alike
-    (`StreamingDecoder.decode_batched`); ONE compressor pass and ONE `encode_tokens` pass writing each packed cache's
-    compressed backup into its own slot. Each row's result equals its `GenerationSession._finish` alone (bit for
-    bit on the CPU). A batched decode or compression that fails is retried row by row, so only the session at fault
-    gets the error. Self-contained: it may run on another thread than the denoising, after the commit; a caller
-    that wants the next chunk's `begin_chunk` before this finish completes calls `end_rows` first itself."""
-    end_rows(rows)
+    ONE streaming decode for the rows whose decoders are alike (`StreamingDecoder.decode_batched`); ONE compressor
+    pass and ONE `encode_tokens` pass writing each packed cache's compressed backup into its own slot. Each row's
+    result equals its `GenerationSession._finish` alone (bit for bit on the CPU). A batched decode or compression
+    that fails is retried row by row, so only the session at fault gets the error. Runs on the caller
+    (`step_sessions`) or on the side worker (`submit_sessions`)."""
+    end_rows(rows)                          # already done by `commit_rows`; kept for callers that skip it
     todo = [r for r in rows if r.result is None]
     _decode_rows(gen, todo, decode)
     _compress_rows(gen, [r for r in todo if r.result is None and _compresses(r)])
     for r in todo:
-        s = r.session
         if r.result is not None:
-            s._abort_step()
-            continue
-        s._end_step(r.x0, start)
+            continue                        # the step already ended; the failure travels in the result
+        r.session._record_time(start)
         r.result = frames_to_uint8(r.pixels)[0] if decode else r.x0
         r.pixels = None
 
@@ -434,6 +468,39 @@ def _compress_batched(gen: "Generator", rows: list[_Row]) -> None:
     with exact:                                      # a block is a few tokens: see packcache/exact.py
         model._blocks(x, StackedPrompt([r.prompt for r in rows]), proj,
                       AttnPlan(cos=cos, sin=sin, kv=BatchedAccess(writers, list(range(len(rows))))))
+
+
+def submit_sessions(gen: "Generator", sessions: list["GenerationSession"],
+                    decode: bool = True) -> list[concurrent.futures.Future]:
+    """One chunk for each session, batched, its finish handed to the generator's side worker (`gen.finisher`).
+    Returns per session a future of what `step_sessions` returns for it (its error as the future's exception).
+
+    Denoise and commit run here; `finish_rows` for all committed rows is one job on the side worker, so a caller
+    that submits the next batch at once denoises it while this one finishes. Each session remembers its future:
+    its next commit waits for it (`_run_group`), and so do close, reset, recache and `state_dict`."""
+    rows, committed, start = commit_rows(gen, sessions)
+    futures = [concurrent.futures.Future() for _ in rows]
+    for r, f in zip(rows, futures):
+        f.set_running_or_notify_cancel()    # like an executor's: a caller cannot cancel it under `settle`
+        if r.result is not None:
+            f.set_exception(r.result)
+    if not committed:
+        return futures
+    mine = [futures[r.index] for r in committed]
+    for r, f in zip(committed, mine):
+        r.session._finishing = f
+
+    def settle(job: concurrent.futures.Future) -> None:     # on the side worker, after its device work is done
+        failure = job.exception()
+        for r, f in zip(committed, mine):
+            result = failure if failure is not None else r.result
+            if isinstance(result, BaseException):
+                f.set_exception(result)
+            else:
+                f.set_result(result)
+
+    gen.finisher.submit(finish_rows, gen, committed, decode, start).add_done_callback(settle)
+    return futures
 
 
 # ---- admission: how many sessions fit in the device's memory ----------------------------------------------------

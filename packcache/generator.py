@@ -14,7 +14,7 @@ the PackForcing cache):
 No asyncio here; `next_chunk` blocks, and `set_prompt`, `reset` and `stats` are safe to call from another thread.
 `submit_chunk` is the pipelined form: steps 1-4 on the calling thread, 5-6 (the chunk's "finish") on the
 generator's side worker (its own CUDA stream on a GPU), returning a future of the frames, so the caller can start
-the next chunk's denoising at once. Invariant (kept in `submit_chunk`): chunk k's finish completes before chunk
+the next chunk's denoising at once; `Generator.submit_chunks` does the same for a batch of sessions. Invariant (kept in `submit_chunk`): chunk k's finish completes before chunk
 k+1's commit, because that commit may move chunk k from recent to the mid bank, taking its compressed backup.
 """
 
@@ -258,6 +258,16 @@ class Generator:
         from .batch import step_sessions
 
         return step_sessions(self, sessions, decode)
+
+    def submit_chunks(self, sessions: list["GenerationSession"],
+                      decode: bool = True) -> list[concurrent.futures.Future]:
+        """`next_chunks` pipelined: denoise and commit here, batched; the finish (decode, compressed backup) of all
+        of them as one job on the side worker. Returns per session a future of what `next_chunks` returns for it
+        (its exception as the future's). Call again at once: the next batch denoises while this one finishes, and
+        each session's next commit waits for its finish (the invariant above, kept in `packcache.batch`)."""
+        from .batch import submit_sessions
+
+        return submit_sessions(self, sessions, decode)
 
     def warmup(self, prompt: str = "warm-up") -> float:
         """Generate one throwaway chunk so the first viewer never waits for allocation or kernel selection; with

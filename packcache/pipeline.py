@@ -16,8 +16,9 @@ import torch
 
 
 class FinishWorker:
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, threads: int = 0):
         self.device = torch.device(device)
+        self.threads = threads                      # torch CPU threads of the side thread; 0: the creator's
         self.cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -26,11 +27,22 @@ class FinishWorker:
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
-                threads = torch.get_num_threads()   # the creating thread's setting (the server sets it per thread)
+                # OpenMP's thread count is per thread: without an explicit one, the first caller's (the server
+                # sets it on its device worker thread)
+                threads = self.threads or torch.get_num_threads()
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     1, thread_name_prefix="packcache-finish", initializer=torch.set_num_threads,
                     initargs=(threads,))
             return self._pool
+
+    def set_threads(self, n: int) -> None:
+        """torch CPU threads of the side thread (packcache.threads.pipeline_threads); 0: the creator's. Takes
+        effect before the next job."""
+        self.threads = n
+        with self._lock:
+            pool = self._pool
+        if pool is not None and n:
+            pool.submit(torch.set_num_threads, n).result()
 
     def submit(self, fn, *args) -> concurrent.futures.Future:
         """Run fn(*args) on the side worker after the device work queued so far on this thread's stream."""

@@ -35,6 +35,19 @@ def check_threads(n: int | None) -> None:
         raise ValueError(f"--threads must be >= 0 (0: torch's own default), got {n}")
 
 
+def pipeline_threads(n: int | None, pipeline: bool) -> tuple[int, int]:
+    """(denoising thread's, side worker's) torch threads for `--threads n` (None: the default). Pipelined, the two
+    threads compute at once, so n is split between them, at least one each (with the default on 2 cores, 1 + 1: the
+    side worker takes the core the default leaves free); serial, the side worker runs only while the caller waits
+    for it, so both get n. 0 stays 0 (torch's own default)."""
+    check_threads(n)
+    n = default_threads() if n is None else n
+    if not pipeline or n == 0:
+        return n, n
+    finish = max(1, n // 2)
+    return max(1, n - finish), finish
+
+
 def set_threads(n: int | None) -> int:
     """Apply `n` torch threads to the calling thread (None: default_threads(); 0: leave torch's choice)."""
     import torch

@@ -30,6 +30,9 @@ class ServerConfig:
     default_seed: int = 0
     cache: str = "packed"                 # packed | window | full (the engine's cache kinds)
     chunks_ahead: int = 2                 # chunks generated ahead of playback (the frame buffer's bound)
+    # Decode off the critical path: a chunk's finish (decode, compressed K/V backup) runs on the engine's side
+    # worker while the device worker denoises the next batch (streamer/session.py). Frames are the same either way.
+    pipeline: bool = True
     stats_interval: float = 0.5           # seconds between pushed stats messages (protocol promises <= 1 s)
     ping_interval: float = 5.0            # websocket keepalive: a silent client is dropped after
     ping_timeout: float = 5.0             #   ping_interval + ping_timeout seconds at most

@@ -145,7 +145,7 @@ class ServerMetrics:
 
     def __init__(self, sessions: Callable[[], float], ready: Callable[[], float], rtf: Callable[[], float],
                  loop_lag: Callable[[], float], batch_size: Callable[[], float] = lambda: 0.0,
-                 max_sessions: Callable[[], float] = lambda: 0.0):
+                 max_sessions: Callable[[], float] = lambda: 0.0, pipeline: Callable[[], float] = lambda: 0.0):
         r = self.registry = Registry()
         r.gauge("streamer_ready", "1 once the model is loaded and warmed up", fn=ready)
         r.gauge("streamer_sessions", "live generation sessions", fn=sessions)
@@ -166,6 +166,8 @@ class ServerMetrics:
         r.gauge("streamer_max_sessions", "admission limit (with --max-sessions auto: sized from device memory)",
                 fn=max_sessions)
         r.gauge("streamer_batch_size", "sessions advanced by the latest batched device step", fn=batch_size)
+        r.gauge("streamer_pipeline", "1 when chunks decode on a side worker while the next batch denoises "
+                "(--pipeline)", fn=pipeline)
         self.batch_sessions = r.histogram(
             "streamer_batch_sessions", "sessions per batched device step (one model call per denoising step for all)",
             self.BATCH_BUCKETS)

@@ -17,6 +17,10 @@ joins the next batch it is due for. With the cap, the owners taken go to the bac
 starts with those left out (round-robin). Because owners resubmit a moment after their result arrives, the worker
 waits up to `linger` seconds for the owners of the previous batch before starting a smaller one.
 
+Pipelining: the worker's busy time is only what it runs. With the decode pipeline (streamer/session.py) a chunk
+job is the batch's denoise and commit, returning one future per session for the finish the engine runs on its own
+side worker; the worker is then free for the next batch at once.
+
 Cancellation: cancelling the awaiting coroutine (a disconnect) removes its job if it has not started; a job
 already running finishes (the engine cannot be interrupted mid-chunk) and its result is dropped.
 """

@@ -86,6 +86,7 @@ class StreamServer:
         self.worker: DeviceWorker | None = None
         self.metrics = ServerMetrics(sessions=lambda: len(self.clients), ready=lambda: float(self.ready),
                                      rtf=self.realtime_factor, loop_lag=self.loop_lag,
+                                     pipeline=lambda: float(self.config.pipeline),
                                      batch_size=lambda: self.worker.last_batch_size if self.worker else 0,
                                      max_sessions=lambda: self.config.max_sessions or 0)
         self._ws_server = None
@@ -129,13 +130,20 @@ class StreamServer:
             self._spawn(coro)
         log.info("listening on %s", self.url)
 
+    def _threads(self) -> tuple[int, int]:
+        """torch CPU threads of (the device worker, the engine's finish worker): --threads, split between the two
+        when the pipeline runs them at once (packcache.threads.pipeline_threads)."""
+        from packcache.threads import pipeline_threads
+        return pipeline_threads(self.config.worker_threads(), self.config.pipeline)
+
     def _init_worker(self) -> None:
         """On the device worker thread: torch's CPU thread count (OpenMP: this thread's own setting)."""
-        n = self.config.worker_threads()
+        n, finish = self._threads()
         if n:
             import torch
             torch.set_num_threads(n)
-            log.info("device worker: %d torch CPU thread(s)", n)
+            log.info("device worker: %d torch CPU thread(s); decode pipeline %s (%d thread(s))", n,
+                     "on" if self.config.pipeline else "off", finish)
 
     async def load(self, factory: Callable[[], Any]) -> None:
         """Build the generator on the device worker (factory() -> Generator), then warm it up."""
@@ -143,7 +151,13 @@ class StreamServer:
         await self.warm_up()
 
     async def warm_up(self) -> float:
-        seconds = await self.worker.run("server", self.generator.warmup, urgent=True)
+        gen, finish_threads = self.generator, self._threads()[1]
+
+        def warm() -> float:
+            if hasattr(gen, "finisher"):
+                gen.finisher.set_threads(finish_threads)
+            return gen.warmup()
+        seconds = await self.worker.run("server", warm, urgent=True)
         if self.config.max_sessions is None:
             await self._size_admission()
         if self.state is not None:           # sessions saved by the last shutdown wait for their clients
@@ -298,7 +312,7 @@ class StreamServer:
         if path == "/healthz":
             body = {"status": "ready" if self.ready else "starting", "sessions": len(self.clients),
                     "max_sessions": self.config.max_sessions,
-                    "preset": self.generator.preset.name if self.ready else None}
+                    "preset": self.generator.preset.name if self.ready else None, "pipeline": self.config.pipeline}
             if self.ready and hasattr(self.generator, "runtime_info"):   # attention backend, compiled, decoder
                 body["runtime"] = self.generator.runtime_info()
             return _response(200 if self.ready else 503, json.dumps(body).encode(), "application/json")
@@ -446,7 +460,8 @@ class ClientConnection:
 
         return StreamSession(self.sid, server.generator, server.worker, prompt=cfg.default_prompt,
                              seed=cfg.default_seed, cache=cfg.cache, chunks_ahead=cfg.chunks_ahead,
-                             fps=server.generator.preset.fps, on_chunk=on_chunk, on_error=on_error)
+                             fps=server.generator.preset.fps, pipeline=cfg.pipeline, on_chunk=on_chunk,
+                             on_error=on_error)
 
     async def run(self, ws: ServerConnection) -> None:
         """The first websocket: open the session, then serve messages until the websocket closes."""

@@ -1,9 +1,17 @@
 """One client's generation: drives an engine `GenerationSession` into a bounded frame buffer.
 
 The producer task asks the device worker for one chunk at a time (the worker batches the chunks of all sessions that
-are due into one engine step: `generate_chunks`), and only while fewer than `chunks_ahead`
-chunks wait in the buffer: generation runs at most that far ahead of playback and memory never grows. The
-track pops frames from the buffer at 16 FPS; when the buffer is empty it gets the last frame again (underrun).
+are due into one engine step), and only while fewer than `chunks_ahead` chunks are buffered or on their way:
+generation runs at most that far ahead of playback and memory never grows. The track pops frames from the buffer at
+16 FPS; when the buffer is empty it gets the last frame again (underrun).
+
+Pipelined (the default, `pipeline=True`): the worker's job is the batch's denoise and commit only
+(`submit_chunks`); its finish (decode, compressed backup) runs on the engine's side worker, and the job returns a
+future per session. The producer queues the next chunk at once, so the worker denoises batch k+1 while batch k
+decodes; a lander task awaits the futures in order and fills the buffer. Everything that reads or replaces the
+engine session between chunks waits for its finish: the engine does it for close, reset, a prompt switch, the
+next commit and `state_dict`; `snapshot` here waits until every chunk on its way has landed. With
+`pipeline=False` the job is the whole chunk (`generate_chunks`).
 
 Engine calls that touch the device (open, next_chunk, close) run on the device worker, so the event loop never
 blocks and a session is never closed mid-chunk. `set_prompt` and `reset` only queue a change inside the engine
@@ -34,6 +42,20 @@ def _percentile(values, q: float) -> float | None:
     k = (len(s) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def submit_chunks(sessions: list) -> list:
+    """Worker side of pipelined chunk jobs: the due sessions' batched denoise and commit (`Generator.submit_chunks`);
+    their finish runs on the engine's side worker. Per session: (future of its frames, stats, device seconds) or its
+    exception (refused before its commit). Stats are read after the commit: chunk index and cache are final."""
+    t = time.monotonic()
+    futures = sessions[0].gen.submit_chunks(sessions)
+    share = (time.monotonic() - t) / len(sessions)
+    out = []
+    for f, gs in zip(futures, sessions):
+        failed = f.exception() if f.done() else None
+        out.append(failed if failed is not None else (f, gs.stats(), share))
+    return out
 
 
 def generate_chunks(sessions: list) -> list:
@@ -72,6 +94,15 @@ class _Signal:
         return waited
 
 
+class _InFlight:
+    """A chunk whose denoise and commit are done and whose frames are still being finished."""
+
+    __slots__ = ("epoch", "submitted", "future", "info", "seconds")
+
+    def __init__(self, epoch: int, submitted: float, future, info: dict, seconds: float):
+        self.epoch, self.submitted, self.future, self.info, self.seconds = epoch, submitted, future, info, seconds
+
+
 class _Chunk:
     __slots__ = ("index", "frames", "prompt", "pos")
 
@@ -87,12 +118,13 @@ class StreamSession:
     """Generation for one client: `await open()`, `start()`, the track pulls frames, `await close()` frees it."""
 
     def __init__(self, sid: str, generator, worker: DeviceWorker, *, prompt: str, seed: int = 0,
-                 cache: str = "packed", chunks_ahead: int = 2, fps: int = 16,
+                 cache: str = "packed", chunks_ahead: int = 2, fps: int = 16, pipeline: bool = True,
                  on_chunk: Callable[[int, float, float], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None):
         self.sid = sid
         self.fps = fps
         self.chunks_ahead = chunks_ahead
+        self.pipeline = pipeline         # finish on the engine's side worker (see the module docstring)
         self._generator = generator
         self._worker = worker
         self._prompt0, self._seed, self._cache = prompt, seed, cache
@@ -106,7 +138,9 @@ class StreamSession:
         self.paused = False
         self.closed = False
         self._hold = False               # a snapshot is being taken: generate nothing more
-        self._generating = False         # a chunk job is out (until its frames are in the buffer)
+        self._generating = False         # a chunk job is out on the device worker
+        self._inflight: deque[_InFlight] = deque()   # committed, finishing (pipeline): land in this order
+        self._landed = _Signal()         # the lander waits on it for the next chunk on its way
         self.error: str | None = None
         # what is generated / what is on screen
         self.prompt = prompt             # prompt of the latest generated chunk
@@ -152,6 +186,7 @@ class StreamSession:
                 pass
         leftover = [c.frames[c.pos:] for c in self._buffer if c.left]
         self._buffer.clear()
+        self._inflight.clear()               # the engine's close below waits for a finish still running
         if self._gs is not None:
             gs, self._gs = self._gs, None
             try:
@@ -222,10 +257,16 @@ class StreamSession:
     # ---- producer
 
     def _room(self) -> bool:
-        return self.closed or (not self.paused and not self._hold and len(self._buffer) < self.chunks_ahead)
+        return self.closed or (not self.paused and not self._hold and self.error is None
+                               and len(self._buffer) + len(self._inflight) < self.chunks_ahead)
+
+    def _quiet(self) -> bool:
+        """No chunk on its way: none on the device worker, none finishing."""
+        return not self._generating and not self._inflight
 
     async def _produce(self) -> None:
         gs = self._gs
+        lander = asyncio.create_task(self._land(), name=f"lander-{self.sid}") if self.pipeline else None
         try:
             while not self.closed:
                 await self._changed.wait_for(self._room)
@@ -234,6 +275,11 @@ class StreamSession:
                 epoch, submitted = self._epoch, time.monotonic()
                 self._generating = True
                 try:
+                    if self.pipeline:
+                        future, info, seconds = await self._worker.run_batched(self, submit_chunks, gs)
+                        self._inflight.append(_InFlight(epoch, submitted, future, info, seconds))
+                        self._landed.notify()
+                        continue
                     frames, info, seconds = await self._worker.run_batched(self, generate_chunks, gs)
                     if epoch != self._epoch or self.closed:
                         continue             # a reset happened meanwhile: this chunk belongs to the old stream
@@ -245,10 +291,48 @@ class StreamSession:
         except asyncio.CancelledError:
             raise
         except Exception as exc:             # the engine failed: the server ends this session with an error
-            log.exception("session %s: generation failed", self.sid)
-            self.error = f"generation failed: {exc}"
-            if self._on_error is not None:
-                self._on_error(exc)
+            self._failed(exc)
+        finally:
+            if lander is not None:
+                lander.cancel()              # a finish still running completes in the engine (close waits)
+                try:
+                    await lander
+                except BaseException:        # noqa: BLE001 - cancelled or already failed
+                    pass
+
+    async def _land(self) -> None:
+        """Pipeline: await the finishing chunks oldest first (the engine finishes them in that order) and buffer
+        their frames; a chunk of the stream before a reset is dropped."""
+        try:
+            while True:
+                await self._landed.wait_for(lambda: bool(self._inflight))
+                head = self._inflight[0]
+                try:
+                    frames = await asyncio.wrap_future(head.future)
+                except asyncio.CancelledError:
+                    raise                    # still finishing: it stays on its way (close waits for it)
+                except Exception:
+                    self._inflight.popleft()
+                    raise
+                self._inflight.popleft()
+                self._changed.notify()
+                if head.epoch != self._epoch or self.closed:
+                    continue
+                latency = time.monotonic() - head.submitted
+                self._accept(np.ascontiguousarray(frames), head.info, head.seconds, latency)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:             # its finish failed: the server ends this session with an error
+            self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.error is not None or self.closed:
+            return
+        log.error("session %s: generation failed", self.sid, exc_info=exc)
+        self.error = f"generation failed: {exc}"
+        self._changed.notify()
+        if self._on_error is not None:
+            self._on_error(exc)
 
     def _accept(self, frames: np.ndarray, info: dict, seconds: float, latency: float) -> None:
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -348,7 +432,7 @@ class StreamSession:
 
         self._hold = True
         self._changed.notify()
-        await self._changed.wait_for(lambda: not self._generating)   # the chunk in flight lands in the buffer
+        await self._changed.wait_for(self._quiet)   # the chunks on their way (worker, finish) land in the buffer
         gs = self._live()
         chunks = [c for c in self._buffer if c.left]
         tensors = {"frames": torch.from_numpy(np.concatenate([c.frames[c.pos:] for c in chunks]))} if chunks else {}

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from packcache import batch
+from packcache.errors import PackCacheError
 from packcache.exact import batch_invariant_convs
 from packcache.vae import StreamingDecoder
 
@@ -155,8 +156,8 @@ def test_batched_compression_failure_retries_each_row_alone(gen, monkeypatch):
 
 def test_a_row_failing_in_the_finish_gets_its_error_and_the_others_go_on(gen):
     """One session's decoder state is corrupt but claims to batch with the others: the batched decode fails, every
-    row is decoded again alone, the broken one gets its error (and its chunk is not counted), the others' frames
-    and state equal their solo runs."""
+    row is decoded again alone, the broken one gets its error (its chunk was committed, so it counts, and the
+    session refuses further chunks until a reset), the others' frames and state equal their solo runs."""
     names = ["old", "new", "window"]      # no controls before their chunk 3
     sessions = {n: gen.open(STREAMS[n][0], seed=STREAMS[n][1], cache=STREAMS[n][2]) for n in names}
     try:
@@ -172,7 +173,9 @@ def test_a_row_failing_in_the_finish_gets_its_error_and_the_others_go_on(gen):
         bad.batch_key = good.batch_key                      # ... but says it batches with the others
         results = gen.next_chunks(list(sessions.values()))
         assert isinstance(results[1], Exception)
-        assert sessions["new"].chunk_index == 2 and sessions["new"].stats()["chunk_index"] == 2
+        assert sessions["new"].chunk_index == 3 and sessions["new"].stats()["chunk_index"] == 3
+        with pytest.raises(PackCacheError, match="failed to finish"):
+            sessions["new"].next_chunk()
         for n, res in zip(names, results):
             if n != "new":
                 assert not isinstance(res, BaseException), res
