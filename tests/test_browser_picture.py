@@ -64,7 +64,7 @@ def test_viewer_starts_from_a_picked_picture_and_shows_its_thumbnail(tiny_genera
             page.set_input_files("#picture-file", {"name": "broken.png", "mimeType": "image/png",
                                                    "buffer": b"\x89PNG not really"})
             page.wait_for_function("document.getElementById('message').textContent.includes('Picture refused')",
-                                   timeout=30_000)
+                                   timeout=90_000)
             before = page.evaluate(FRAMES_DECODED)
             page.wait_for_function(f"({FRAMES_DECODED})().then((n) => n >= {before + 8})", timeout=60_000,
                                    polling=250)

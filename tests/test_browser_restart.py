@@ -47,12 +47,12 @@ def test_viewer_resumes_its_stream_after_a_server_restart(tiny_generator, tmp_pa
                 bg.stop()                                  # what SIGTERM does: the session is saved
             assert (state / f"{session}.snapshot.safetensors").exists()
             page.wait_for_function("document.getElementById('status').textContent === 'reconnecting'",
-                                   timeout=10_000)
+                                   timeout=90_000)
 
             bg2 = BackgroundServer(config, tiny_generator).start()   # returns once ready
             ready = time.monotonic()
             try:
-                page.wait_for_function("window.viewer.welcome && window.viewer.welcome.resumed", timeout=30_000)
+                page.wait_for_function("window.viewer.welcome && window.viewer.welcome.resumed", timeout=90_000)
                 assert page.evaluate("window.viewer.welcome.session") == session
                 assert page.evaluate("window.viewer.welcome.chunk_index") >= chunk
                 _wait_frames(page, 16, 60)

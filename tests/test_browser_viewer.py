@@ -78,7 +78,7 @@ def test_viewer_decodes_video_and_acknowledges_a_typed_prompt(tiny_generator):
                 "document.getElementById('ack').textContent.includes('takes effect at chunk')", timeout=60_000)
             assert bg.server.clients and next(iter(bg.server.clients.values())).session.requested_prompt == \
                 "a green square sliding left"
-            page.wait_for_function("document.getElementById('s-cache').textContent !== '–'", timeout=10_000)
+            page.wait_for_function("document.getElementById('s-cache').textContent !== '–'", timeout=90_000)
             assert page.text_content("#message") == ""                   # no error shown (the hint is gone)
             # the prompt box shows what is playing once the new prompt is on screen
             page.wait_for_function("document.getElementById('prompt').placeholder === "
@@ -91,7 +91,7 @@ def test_viewer_decodes_video_and_acknowledges_a_typed_prompt(tiny_generator):
             # a reload resumes the same stream (sessionStorage + --reconnect-grace): same session, video again
             session = page.evaluate("window.viewer.welcome.session")
             page.reload()
-            page.wait_for_function("window.viewer.welcome && window.viewer.welcome.resumed", timeout=30_000)
+            page.wait_for_function("window.viewer.welcome && window.viewer.welcome.resumed", timeout=90_000)
             assert page.evaluate("window.viewer.welcome.session") == session
             page.wait_for_function(f"({FRAMES_DECODED})().then((n) => n >= 8)", timeout=60_000, polling=250)
             page.click("#connect")                                        # Disconnect: the session ends now

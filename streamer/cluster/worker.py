@@ -125,7 +125,11 @@ def spawn(name: str, config: ServerConfig, factory: Callable[[], Any], *, namesp
     import ray
 
     path = os.environ.get("PYTHONPATH", "")
-    env = {"PYTHONPATH": _REPO_ROOT + (os.pathsep + path if path else "")}   # this checkout wins on the worker too
+    env = {"PYTHONPATH": _REPO_ROOT + (os.pathsep + path if path else ""),   # this checkout wins on the worker too
+           # Ray starts workers at niceness 15 so its own daemons stay responsive; a stream worker is the
+           # latency-critical process of its node: at 15, any other busy process on the node (a CPU worker's
+           # neighbour, a batch job) took nearly all its CPU, and two CPU hogs kept workers from loading in 300 s
+           "RAY_worker_niceness": "0"}
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if var in os.environ:
             env[var] = os.environ[var]
