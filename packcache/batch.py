@@ -340,7 +340,6 @@ def finish_rows(gen: "Generator", rows: list[_Row], decode: bool, start: float) 
     result equals its `GenerationSession._finish` alone (bit for bit on the CPU). A batched decode or compression
     that fails is retried row by row, so only the session at fault gets the error. Runs on the caller
     (`step_sessions`) or on the side worker (`submit_sessions`)."""
-    end_rows(rows)                          # already done by `commit_rows`; kept for callers that skip it
     todo = [r for r in rows if r.result is None]
     _decode_rows(gen, todo, decode)
     _compress_rows(gen, [r for r in todo if r.result is None and _compresses(r)])
@@ -354,8 +353,8 @@ def finish_rows(gen: "Generator", rows: list[_Row], decode: bool, start: float) 
 
 def end_rows(rows: list[_Row]) -> None:
     """The partition update after the commit (`cache.end_chunk`), per row; a row that failed before it gets its
-    noise stream restored and its step aborted. Once per row (later calls skip it): `finish_rows` starts with it,
-    or the caller runs it on the critical path, since the next chunk's `begin_chunk` needs it."""
+    noise stream restored and its step aborted. Once per row (later calls skip it). `commit_rows` runs it on the
+    critical path, before the finish, since the next chunk's `begin_chunk` needs it."""
     for r in rows:
         if r.ended:
             continue

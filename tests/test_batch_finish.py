@@ -231,7 +231,8 @@ def test_convolutions_in_the_mode_are_batch_invariant():
 
 def test_end_rows_first_then_finish_rows_is_the_same_step(gen, monkeypatch):
     """A caller may run the partition update (`end_rows`) on the critical path and the rest of the finish later:
-    `finish_rows` then skips it (each chunk ends once: the cache state, chunks_seen included, equals solo)."""
+    `commit_rows` has already run it, so this call skips it (each chunk ends once: the cache state, chunks_seen
+    included, equals solo)."""
     real = batch.finish_rows
 
     def split(gen, rows, decode, start):
