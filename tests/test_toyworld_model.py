@@ -283,3 +283,24 @@ def test_chunkwise_encoding_restarts_the_encoder_at_every_chunk():
     torch.set_num_threads(threads)
     torch.testing.assert_close(z2[:, :, 12:], z[:, :, 12:])
     assert not torch.allclose(z2[:, :, 9:12], z[:, :, 9:12])
+
+
+def test_recipe_takes_the_vae_from_a_bundle_when_it_does_not_train_one(tmp_path):
+    """Without the `vae` stage the recipe starts from a bundle's VAE: exactly its `vae.` tensors, and the report of
+    how that VAE was trained, with where it came from; a bundle without one is refused with a clear message."""
+    import json
+    from safetensors.torch import save_file
+    from toyworld.train import vae_from_bundle
+    bundle = tmp_path / "b.safetensors"
+    save_file({"vae.conv.weight": torch.arange(6.0).reshape(2, 3), "transformer.x": torch.zeros(2)}, str(bundle))
+    bundle.with_suffix(".json").write_text(json.dumps({"vae": {"steps": 7}}))
+    work = tmp_path / "w"
+    work.mkdir()
+    info = vae_from_bundle(bundle, work)
+    state = torch.load(work / "vae.pt")
+    assert list(state) == ["conv.weight"] and torch.equal(state["conv.weight"], torch.arange(6.0).reshape(2, 3))
+    assert info["steps"] == 7 and info["from"].endswith("b.safetensors")
+    assert json.loads((work / "vae.json").read_text()) == info
+    save_file({"transformer.x": torch.zeros(2)}, str(tmp_path / "novae.safetensors"))
+    with pytest.raises(SystemExit, match="no vae"):
+        vae_from_bundle(tmp_path / "novae.safetensors", work)

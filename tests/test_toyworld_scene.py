@@ -110,9 +110,13 @@ def test_results_sections_split_by_stage_for_merge():
 
 
 def test_retrain_probe_data_stats_read_the_training_world():
-    """The retrain plan's data check: shares are shares, and a shape is about one DiT token wide at today's sizes."""
+    """The retrain plan's data check: shares are shares, and the radius read is within the world's size range (a
+    shape ~2 DiT tokens wide since the retrain)."""
     from toyworld.retrain_probe import data_stats
+    from toyworld.world import SHAPE_SIZE_RANGE
     d = data_stats(clips=8, frames=17, every=8)
     assert 0.0 <= d["one_subject_frames"] <= 1.0 and 0.0 < d["one_subject_clips"] <= 1.0
-    assert 7.0 <= d["radius_px"] <= 11.0 and 0.8 < d["diameter_tokens"] < 1.4
+    lo, hi = (64 * s for s in SHAPE_SIZE_RANGE)
+    assert lo <= d["radius_px"] <= hi and 2 * lo / 16 <= d["diameter_tokens"] <= 2 * hi / 16
+    assert d["diameter_tokens"] > 1.4
     assert sum(d["patterns"].values()) == 8

@@ -97,3 +97,51 @@ def test_drift_colors_grow_from_nothing_to_an_off_prompt_clip():
         assert np.array_equal(d[0], frames[0])
         faded += M.dominant_color(d[-1:]) is None          # the subject has all but gone by the last frame
     assert faded >= 2
+
+
+def _bounds():
+    return [(0, 9)] + [(9 + 12 * i, 21 + 12 * i) for i in range(6)]   # the toy preset's 7 stream chunks
+
+
+def test_training_clips_of_each_kind_are_what_they_claim():
+    """Still-start clips hold their first frame for the whole first chunk and then move; return clips show one
+    subject, lose it for whole chunks and get it back, in the same colour; every kind is drawn."""
+    from toyworld.world import CLIP_KINDS, ClipMix
+    world, seen = World(5), set()
+    for _ in range(60):
+        frames, scene, kind = world.sample_training(_bounds(), 64, ClipMix(still_prob=0.3, return_prob=0.3))
+        seen.add(kind)
+        assert frames.shape == (81, 64, 64, 3) and kind in CLIP_KINDS
+        if kind == "still":
+            assert all(np.array_equal(frames[0], f) for f in frames[1:9])
+            assert not np.array_equal(frames[8], frames[20])
+        if kind == "return":
+            assert len(scene.shapes) == 1
+            colors = [M.dominant_color(frames[a:b]) for a, b in _bounds()]
+            assert None in colors and set(colors) == {None, scene.shapes[0].color}
+            first, gone = colors.index(scene.shapes[0].color), colors.index(None, colors.index(scene.shapes[0].color))
+            assert scene.shapes[0].color in colors[gone:], colors       # it comes back after the gap
+    assert seen == set(CLIP_KINDS)
+
+
+def test_captions_without_colours_name_shape_and_background_only():
+    scene = single_shape_scene("red", shape="square", motion="drift", background="checker", bg_color="gray")
+    text = caption(scene, colors=False)
+    assert text == "a square drifting on a checkered gray background"
+    for seed in range(10):
+        para = caption(scene, np.random.default_rng(seed), colors=False)
+        assert not {"red", "bright"} & set(para.replace(",", " ").split())
+
+
+def test_caption_sampler_follows_the_clip_kinds():
+    """`return` clips are captioned without colour, `still` clips often with the empty prompt, normal ones never
+    (with null_prob 0), and scenes stored before clip kinds existed read as normal."""
+    from toyworld.train import CaptionSampler, scene_to_dict, toy_preset
+    scene = single_shape_scene("green", shape="circle")
+    stored = [scene_to_dict(scene, "normal"), scene_to_dict(scene, "return"), scene_to_dict(scene, "still")]
+    old = {k: v for k, v in stored[0].items() if k != "clip"}
+    cs = CaptionSampler(toy_preset(), stored + [old], seed=0)
+    texts = [[cs.text_for(i) for _ in range(40)] for i in range(4)]
+    assert all("green" in t or "lime" in t for t in texts[0]) and all(t for t in texts[0] + texts[3])
+    assert all(t and "green" not in t and "lime" not in t for t in texts[1])
+    assert 5 < sum(t == "" for t in texts[2]) < 35

@@ -48,7 +48,8 @@ def data_stats(clips: int = 400, seed: int = 0, frames: int = 81, every: int = 8
 
 
 def vae_by_size(vae, sizes=(0.11, 0.14, 0.17, 0.22, 0.28)) -> list[dict]:
-    """Shape accuracy of the shipped VAE's round trip per shape size (the world draws 0.11-0.17 of the frame)."""
+    """Shape accuracy of the shipped VAE's round trip per shape size (the world drew 0.11-0.17 of the frame when
+    this was measured; `SHAPE_SIZE_RANGE` since the retrain)."""
     through = vae_roundtrip(vae)
     rows = []
     for size in sizes:

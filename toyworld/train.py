@@ -45,7 +45,7 @@ from .common import cosine_lr, noise_like, progress, save_curve, to_tensor
 from .drift import drift_colors
 from .metrics import foreground
 from .train_vae import VAERecipe, load_vae, train_vae
-from .world import World, caption, render, replace
+from .world import ClipMix, World, caption, render, replace
 
 logger = logging.getLogger("toyworld.train")
 
@@ -68,9 +68,22 @@ def set_threads(n: int | None):
 CLIP_FRAMES = 81          # 5 s at 16 FPS -> 21 latent frames = 7 chunks of 3
 
 
-def scene_to_dict(scene) -> dict:
+def chunk_bounds(preset, frames: int = CLIP_FRAMES) -> list[tuple[int, int]]:
+    """[start, end) pixel frames of each stream chunk of a training clip: 1 + 4(T-1) for the first, 4T after."""
+    s, t = preset.vae.temporal_stride, preset.cache.chunk_frames
+    bounds, a = [(0, 1 + s * (t - 1))], 1 + s * (t - 1)
+    while a < frames:
+        bounds.append((a, a + s * t))
+        a += s * t
+    assert bounds[-1][1] == frames, (bounds, frames)
+    return bounds
+
+
+def scene_to_dict(scene, kind: str = "normal") -> dict:
+    """The scene as stored with its clip, plus the clip's kind (`toyworld.world.CLIP_KINDS`), which decides how
+    its captions are drawn (`CaptionSampler`)."""
     import dataclasses
-    return dataclasses.asdict(scene)
+    return {**dataclasses.asdict(scene), "clip": kind}
 
 
 def scene_from_dict(d: dict):
@@ -101,13 +114,13 @@ def _encode_shard(args) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor
     for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, f"data[{seed}]"):
         xs, ds = [], []
         for _ in range(batch):
-            frames, _, scene = world.sample(CLIP_FRAMES, preset.height, augment_caption=False)
+            frames, scene, kind = world.sample_training(chunk_bounds(preset), preset.height)
             xs.append(to_tensor(frames))
             if drifted_copies:
                 backdrop = render(replace(scene, shapes=()), num_frames=1, size=preset.height)[0]
                 ds.append(to_tensor(drift_colors(frames, drift_rng, backdrop)))
             fg.append(foreground_fraction(frames).half())
-            scenes.append(scene_to_dict(scene))
+            scenes.append(scene_to_dict(scene, kind))
         lat.append(vae.encode(torch.stack(xs).to(device)).latent_dist.mean.half().cpu())
         if drifted_copies:
             drifted.append(vae.encode(torch.stack(ds).to(device)).latent_dist.mean.half().cpu())
@@ -168,10 +181,10 @@ def make_chunkwise_dataset(preset, work: Path, seed: int, clips: int, batch: int
     for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, "data (chunk by chunk)"):
         xs = []
         for _ in range(batch):
-            frames, _, scene = world.sample(CLIP_FRAMES, preset.height, augment_caption=False)
+            frames, scene, kind = world.sample_training(chunk_bounds(preset), preset.height)
             xs.append(to_tensor(frames))
             fg.append(foreground_fraction(frames).half())
-            scenes.append(scene_to_dict(scene))
+            scenes.append(scene_to_dict(scene, kind))
         lat.append(encode_chunkwise(vae, torch.stack(xs).to(device)).half().cpu())
     data = {"latents": torch.cat(lat)[:clips], "foreground": torch.stack(fg)[:clips], "scenes": scenes[:clips]}
     torch.save(data, work / "data_chunkwise.pt")
@@ -182,11 +195,12 @@ def make_chunkwise_dataset(preset, work: Path, seed: int, clips: int, batch: int
 
 @dataclass
 class DiTRecipe:
-    steps: int = 4000
+    steps: int = 3200                   # with recode's 640: ~80 min on the 2-core dev machine (4000/800 took 95)
     batch: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.01
-    fg_weight: float = 4.0              # latent positions under a shape weigh up to 1 + fg_weight
+    fg_weight: float = 1.5              # latent positions under a shape weigh up to 1 + fg_weight (was 4: the
+                                        #   background's pattern then counted least, and was lost; RETRAIN_PLAN.md)
     null_prompt_prob: float = 0.1       # empty prompt: the unconditional branch classifier-free guidance needs
     ctx_noise_prob: float = 0.5         # share of samples whose clean context gets a little noise (robustness)
     ctx_noise_max: float = 0.1
@@ -209,7 +223,7 @@ class RecodeRecipe:
     chunks do not carry the encoder's drift. Measured: streams stop drifting (toyworld/README.md)."""
     clips: int = 512
     data_seed: int = 123
-    steps: int = 800
+    steps: int = 640
     lr: float = 3e-4
     warmup: int = 20
 
@@ -269,17 +283,22 @@ class CaptionSampler:
     """Re-draws a paraphrased caption for a stored scene each time (caption augmentation), and embeds it; with
     `null_prob`, the empty prompt instead (classifier-free guidance's unconditional branch)."""
 
-    def __init__(self, preset, scenes: list[dict], seed: int, null_prob: float = 0.0):
+    def __init__(self, preset, scenes: list[dict], seed: int, null_prob: float = 0.0, mix: ClipMix = ClipMix()):
         from packcache.text import build_text_encoder
         self.encoder = build_text_encoder(preset.text)
         self.scenes = [scene_from_dict(d) for d in scenes]
+        self.kinds = [d.get("clip", "normal") for d in scenes]
         self.rng = np.random.default_rng(seed)
         self.null_prob = null_prob
+        self.mix = mix
 
     def text_for(self, i: int) -> str:
-        if self.rng.random() < self.null_prob:
+        """Empty with `null_prob` (and for `mix.still_empty_prompt` of the still-start clips: a picture with no
+        prompt); a `return` clip's caption leaves out the colour (it is in the clip's earlier chunks)."""
+        kind = self.kinds[int(i)]
+        if self.rng.random() < self.null_prob or (kind == "still" and self.rng.random() < self.mix.still_empty_prompt):
             return ""
-        return caption(self.scenes[int(i)], self.rng if self.rng.random() < 0.8 else None)
+        return caption(self.scenes[int(i)], self.rng if self.rng.random() < 0.8 else None, colors=kind != "return")
 
     def __call__(self, idx) -> tuple[torch.Tensor, list[str]]:
         texts = [self.text_for(i) for i in idx]
@@ -552,7 +571,26 @@ def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
 # ===================================================================================================== main
 
 STAGES = ("vae", "data", "dit", "recode", "drift", "hr", "pack")
-DEFAULT_STAGES = ("vae", "data", "dit", "recode", "hr", "pack")   # `drift` measured, not shipped (toyworld/README.md)
+# `drift` measured, not shipped (toyworld/README.md). `vae` is not in the default either: the shipped VAE keeps every
+# shape of the world's sizes and every background pattern (toyworld/eval/RETRAIN_PLAN.md), so the recipe takes it
+# from the shipped bundle (`--vae-from`) and spends its 90 CPU minutes on the DiT; `--stages vae,...` retrains it.
+DEFAULT_STAGES = ("data", "dit", "recode", "hr", "pack")
+
+
+def vae_from_bundle(bundle: Path, work: Path) -> dict:
+    """The `vae.` weights of a packed bundle as the work folder's vae.pt (what the `vae` stage would write), and
+    that bundle's report of how its VAE was trained."""
+    from safetensors.torch import load_file
+    state = {k[len("vae."):]: v for k, v in load_file(str(bundle)).items() if k.startswith("vae.")}
+    if not state:
+        raise SystemExit(f"{bundle} has no vae.* weights; train one with --stages vae,...")
+    torch.save(state, work / "vae.pt")
+    sidecar = bundle.with_suffix(".json")
+    trained = json.loads(sidecar.read_text()).get("vae", {}) if sidecar.exists() else {}
+    info = {**trained, "from": str(bundle.resolve().relative_to(ROOT) if bundle.resolve().is_relative_to(ROOT)
+                                   else bundle)}
+    (work / "vae.json").write_text(json.dumps(info))
+    return info
 
 
 def main(argv=None):
@@ -561,6 +599,9 @@ def main(argv=None):
     ap.add_argument("--work", type=Path, default=None, help="working folder for stage outputs (default: next to --out)")
     ap.add_argument("--stages", default=",".join(DEFAULT_STAGES),
                     help=f"comma list of stages to run, from {STAGES} (default: all but drift)")
+    ap.add_argument("--vae-from", type=Path, default=DEFAULT_OUT,
+                    help="without the vae stage, take the VAE from this bundle when the work folder has none "
+                         "(default: the shipped weights)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2, or $TOYWORLD_THREADS)")
     ap.add_argument("--device", default=None, help="torch device to train on (default: cuda when there is one, else cpu)")
@@ -602,6 +643,9 @@ def main(argv=None):
     if "vae" in stages:
         summary["vae"] = train_vae(preset, work, args.seed, VAERecipe(steps=args.vae_steps), device=device)
         logger.info("vae done in %.0fs: l1 %.4f", summary["vae"]["wall_s"], summary["vae"]["final_l1"])
+    elif not (work / "vae.pt").exists() and {"data", "recode", "pack"} & set(stages):
+        summary["vae"] = vae_from_bundle(args.vae_from, work)
+        logger.info("vae taken from %s", summary["vae"]["from"])
     if "data" in stages:
         summary["data"] = make_dataset(preset, work, args.seed, args.clips, device=device,
                                        drifted_copies="drift" in stages)

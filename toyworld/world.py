@@ -50,6 +50,13 @@ BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
 }
 
 SHAPES = ("circle", "square", "triangle")
+
+# Sizes and periods, as fractions of the frame. A shape's radius from 0.18 (11.5 px at 64x64) keeps its corners
+# through the 8x VAE (toyworld/eval/RETRAIN_PLAN.md: 60% of small squares survive at 0.11, all from 0.22) and makes
+# the subject ~2 DiT tokens wide. Stripe and checker periods from 0.3 (19 px) make each band at least ~0.6 of a
+# token, so the DiT can place them; the pattern readers (`toyworld.metrics`) fit templates over the same range.
+SHAPE_SIZE_RANGE = (0.18, 0.25)
+PATTERN_PERIOD_RANGE = (0.3, 0.5)
 MOTIONS = ("bounce", "orbit", "drift", "zigzag")
 BACKGROUNDS = ("solid", "gradient", "stripes", "checker")
 
@@ -134,7 +141,7 @@ def sample_shape(rng: np.random.Generator, *, color: str | None = None, shape: s
         shape=shape or str(rng.choice(SHAPES)),
         color=color or str(rng.choice(list(SHAPE_COLORS))),
         motion=motion or str(rng.choice(MOTIONS)),
-        size=size if size is not None else float(rng.uniform(0.11, 0.17)),
+        size=size if size is not None else float(rng.uniform(*SHAPE_SIZE_RANGE)),
         x0=float(rng.uniform(0.25, 0.75)), y0=float(rng.uniform(0.25, 0.75)),
         vx=float(speed * math.cos(ang)), vy=float(speed * math.sin(ang)),
         radius=float(rng.uniform(0.15, 0.28)),
@@ -148,11 +155,11 @@ def sample_background(rng: np.random.Generator, *, kind: str | None = None, colo
         kind=kind or str(rng.choice(BACKGROUNDS)),
         color=color or str(rng.choice(list(BACKGROUND_COLORS))),
         angle=float(rng.choice([0.0, math.pi / 2, math.pi / 4, -math.pi / 4])),
-        period=float(rng.uniform(0.2, 0.4)),
+        period=float(rng.uniform(*PATTERN_PERIOD_RANGE)),
     )
 
 
-def sample_scene(rng: np.random.Generator, max_shapes: int = 3, single_shape_prob: float = 0.6) -> Scene:
+def sample_scene(rng: np.random.Generator, max_shapes: int = 3, single_shape_prob: float = 0.9) -> Scene:
     """A random scene. Shapes in one scene have distinct colours (so each caption names each colour once)."""
     n = 1 if rng.random() < single_shape_prob else int(rng.integers(2, max_shapes + 1))
     colors = rng.choice(list(SHAPE_COLORS), size=n, replace=False)
@@ -166,9 +173,10 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
+def caption(scene: Scene, rng: np.random.Generator | None = None, colors: bool = True) -> str:
     """Caption from the grammar. With `rng`, a random paraphrase (synonyms and templates) for augmentation;
-    without, the canonical form: "a red circle bouncing on a striped blue background"."""
+    without, the canonical form: "a red circle bouncing on a striped blue background". `colors=False` leaves the
+    subjects' colours out ("a circle bouncing on ..."): the colour must then come from what the stream has seen."""
 
     def pick(options):
         return options[0] if rng is None else str(options[int(rng.integers(len(options)))])
@@ -178,10 +186,11 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
         color = pick(COLOR_SYNONYMS[s.color]) if rng is not None else s.color
         noun = pick(SHAPE_WORDS[s.shape])
         verb = pick(MOTION_WORDS[s.motion])
+        named = f"{color} {noun}" if colors else noun
         if rng is not None and rng.random() < 0.3:
-            parts.append(f"{_article(verb)} {verb} {color} {noun}")
+            parts.append(f"{_article(verb)} {verb} {named}")
         else:
-            parts.append(f"{_article(color)} {color} {noun} {verb}")
+            parts.append(f"{_article(named)} {named} {verb}")
     subject = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     bg = scene.background
     bcolor = pick(BG_COLOR_SYNONYMS[bg.color]) if rng is not None else bg.color
@@ -295,10 +304,29 @@ def render(scene: Scene, start: int = 0, num_frames: int = 81, size: int = 64) -
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+CLIP_KINDS = ("normal", "still", "return")
+
+
+@dataclass(frozen=True)
+class ClipMix:
+    """The kinds of training clips (`World.sample_training`), besides the normal ones.
+
+    - `still`: the first stream chunk is a still of the first frame, then the scene moves on: a stream started
+      from a picture (`gen.open(start=...)` commits the picture as a still first chunk); `still_empty_prompt` of
+      them are captioned with the empty prompt, so the model learns to continue a picture it is told nothing about.
+    - `return`: one subject, first 0-2 chunks of empty background, then in view for 1-3 chunks, gone for 1-3, and
+      back for the rest, captioned without its colour: the colour is only in what was seen before the gap, the
+      situation of the memory test (`toyworld.memory`), where the packed cache's mid partition is what holds it.
+    """
+    still_prob: float = 0.1
+    still_empty_prompt: float = 0.5
+    return_prob: float = 0.1
+
+
 class World:
     """An endless seeded stream of (frames, caption, scene) clips: `World(seed).sample(num_frames, size)`."""
 
-    def __init__(self, seed: int = 0, max_shapes: int = 3, single_shape_prob: float = 0.6):
+    def __init__(self, seed: int = 0, max_shapes: int = 3, single_shape_prob: float = 0.9):
         self.rng = np.random.default_rng(seed)
         self.max_shapes = max_shapes
         self.single_shape_prob = single_shape_prob
@@ -309,6 +337,34 @@ class World:
         frames = render(scene, start=start, num_frames=num_frames, size=size)
         text = caption(scene, self.rng if augment_caption else None)
         return frames, text, scene
+
+    def sample_training(self, chunk_bounds: list[tuple[int, int]], size: int = 64,
+                        mix: ClipMix = ClipMix()) -> tuple[np.ndarray, Scene, str]:
+        """One training clip whose stream chunks span the pixel frames `chunk_bounds` ([start, end) each, from 0):
+        (frames, scene, kind), kind one of CLIP_KINDS (see `ClipMix`)."""
+        n_frames = chunk_bounds[-1][1]
+        u = self.rng.random()
+        if u < mix.still_prob:
+            frames, _, scene = self.sample(n_frames, size, augment_caption=False)
+            head = chunk_bounds[0][1]
+            still = np.concatenate([np.repeat(frames[:1], head, axis=0), frames[1:n_frames - head + 1]])
+            return still, scene, "still"
+        if u < mix.still_prob + mix.return_prob:
+            scene = sample_scene(self.rng, max_shapes=1, single_shape_prob=1.0)
+            start = int(self.rng.integers(0, 100_000))
+            shown = render(scene, start, n_frames, size)
+            empty = render(replace(scene, shapes=()), start, n_frames, size)
+            n = len(chunk_bounds)
+            lead = int(self.rng.integers(0, 3))
+            seen = int(self.rng.integers(1, 4))
+            gap = int(self.rng.integers(1, 4))
+            seen = max(1, min(seen, n - 2 - lead))
+            gap = max(1, min(gap, n - 1 - lead - seen))
+            visible = [not (i < lead or lead + seen <= i < lead + seen + gap) for i in range(n)]
+            frames = np.concatenate([(shown if v else empty)[a:b] for (a, b), v in zip(chunk_bounds, visible)])
+            return frames, scene, "return"
+        frames, _, scene = self.sample(n_frames, size, augment_caption=False)
+        return frames, scene, "normal"
 
 
 def single_shape_scene(color: str, shape: str = "circle", motion: str = "bounce", background: str = "stripes",
@@ -321,6 +377,7 @@ def single_shape_scene(color: str, shape: str = "circle", motion: str = "bounce"
 
 __all__ = [
     "FPS", "SHAPE_COLORS", "COLOR_HUES", "BACKGROUND_COLORS", "SHAPES", "MOTIONS", "BACKGROUNDS",
+    "SHAPE_SIZE_RANGE", "PATTERN_PERIOD_RANGE", "CLIP_KINDS", "ClipMix",
     "Background", "ShapeSpec", "Scene", "World", "sample_scene", "sample_shape", "sample_background",
     "caption", "render", "positions", "single_shape_scene", "replace",
 ]
