@@ -304,3 +304,32 @@ def test_recipe_takes_the_vae_from_a_bundle_when_it_does_not_train_one(tmp_path)
     save_file({"transformer.x": torch.zeros(2)}, str(tmp_path / "novae.safetensors"))
     with pytest.raises(SystemExit, match="no vae"):
         vae_from_bundle(tmp_path / "novae.safetensors", work)
+
+
+def test_recode_stage_draws_its_clips_from_its_own_mix(tmp_path):
+    """The `recode` stage's fresh clips follow RecodeRecipe.mix (more still starts and returns than the `dit`
+    stage's data): every clip's stored kind is one the mix can draw, and a mix of only still starts gives only
+    still clips whose first chunk is one held frame."""
+    from toyworld.train import DEFAULT_OUT, RecodeRecipe, make_chunkwise_dataset, toy_preset, vae_from_bundle
+    from toyworld.world import ClipMix
+    default = RecodeRecipe().mix
+    assert default.still_prob > ClipMix().still_prob and default.return_prob > ClipMix().return_prob
+    work = tmp_path / "w"
+    work.mkdir()
+    vae_from_bundle(DEFAULT_OUT, work)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    kinds, z = {}, {}
+    try:
+        for name, mix in (("still", ClipMix(still_prob=1.0)), ("normal", ClipMix(still_prob=0.0, return_prob=0.0))):
+            make_chunkwise_dataset(toy_preset(), work, seed=3, clips=4, batch=4, mix=mix)
+            data = torch.load(work / "data_chunkwise.pt")
+            kinds[name] = [d["clip"] for d in data["scenes"]]
+            z[name] = data["latents"].float()
+    finally:
+        torch.set_num_threads(threads)
+    assert kinds == {"still": ["still"] * 4, "normal": ["normal"] * 4}
+    assert z["still"].shape[:3] == (4, 16, 21)
+    # chunk 0 of a still clip is one frame held: its latent frames change less than a moving clip's
+    change = {k: (v[:, :, 1] - v[:, :, 2]).abs().mean().item() for k, v in z.items()}
+    assert change["still"] < 0.8 * change["normal"], change
