@@ -186,6 +186,17 @@ class Preset:
         _, ph, pw = self.transformer.patch_size
         return (self.latent_height // ph) * (self.latent_width // pw)
 
+    def chunk_video_frames(self, index: int) -> tuple[int, int]:
+        """[start, end) video frames of stream chunk `index`. The causal VAE turns its first latent frame into one
+        video frame, so chunk 0 decodes to 1 + s(T-1) frames and every later chunk to sT (s the temporal stride, T
+        the chunk's latent frames): 9, then 12 on every preset here. One rule for the stream, the training clips
+        and the tests."""
+        if index < 0:
+            raise ValueError(f"chunk index {index} < 0")
+        s, t = self.vae.temporal_stride, self.cache.chunk_frames
+        first = 1 + s * (t - 1)
+        return (0, first) if index == 0 else (first + (index - 1) * s * t, first + index * s * t)
+
     def with_cache(self, **overrides) -> "Preset":
         return replace(self, cache=replace(self.cache, **overrides))
 

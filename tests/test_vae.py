@@ -181,3 +181,20 @@ def test_patchified_residual_vae_streams_and_encodes_like_diffusers() -> None:
     lat = v.encode(frames)
     assert lat.shape == (1, 16, 3, 4, 4)
     torch.testing.assert_close(lat, v.normalize(raw), atol=1e-5, rtol=0)
+
+
+def test_preset_chunk_video_frames_match_the_streaming_decoder(vae: VideoVAE) -> None:
+    """`Preset.chunk_video_frames` (the one chunk-to-frames rule the training clips, the memory test and the HR
+    stage use) names exactly the frames the streaming decoder emits for each chunk, and the chunks tile the video."""
+    preset = get_preset("tiny")
+    z = _latents(3 * CHUNK, seed=5)
+    dec = vae.stream_decoder()
+    sizes = [dec.decode(z[:, :, i : i + CHUNK]).shape[2] for i in range(0, 3 * CHUNK, CHUNK)]
+    dec.close()
+    bounds = [preset.chunk_video_frames(i) for i in range(3)]
+    assert [b - a for a, b in bounds] == sizes == [9, 12, 12]
+    assert bounds[0][0] == 0 and all(bounds[i][1] == bounds[i + 1][0] for i in range(2))
+    for name in ("toy", "wan2.1-t2v-1.3b"):
+        assert get_preset(name).chunk_video_frames(4) == (9 + 3 * 12, 9 + 4 * 12)
+    with pytest.raises(ValueError):
+        preset.chunk_video_frames(-1)

@@ -67,10 +67,8 @@ def trials(n: int, seed: int = 0) -> list[MemoryTrial]:
 
 
 def chunk_frames(gen, index: int) -> tuple[int, int]:
-    """[start, end) video frames of stream chunk `index` (the first chunk has 1 + 4(T-1) frames, the rest 4T)."""
-    t = gen.preset.cache.chunk_frames * gen.preset.vae.temporal_stride
-    first = t - gen.preset.vae.temporal_stride + 1
-    return (0, first) if index == 0 else (first + (index - 1) * t, first + index * t)
+    """[start, end) video frames of stream chunk `index` (`Preset.chunk_video_frames`)."""
+    return gen.preset.chunk_video_frames(index)
 
 
 def script_frames(gen, trial: MemoryTrial, sink: int, seen: int, gap: int) -> tuple[np.ndarray, list[bool]]:

@@ -69,12 +69,10 @@ CLIP_FRAMES = 81          # 5 s at 16 FPS -> 21 latent frames = 7 chunks of 3
 
 
 def chunk_bounds(preset, frames: int = CLIP_FRAMES) -> list[tuple[int, int]]:
-    """[start, end) pixel frames of each stream chunk of a training clip: 1 + 4(T-1) for the first, 4T after."""
-    s, t = preset.vae.temporal_stride, preset.cache.chunk_frames
-    bounds, a = [(0, 1 + s * (t - 1))], 1 + s * (t - 1)
-    while a < frames:
-        bounds.append((a, a + s * t))
-        a += s * t
+    """[start, end) video frames of each stream chunk of a training clip (`Preset.chunk_video_frames`)."""
+    bounds = [preset.chunk_video_frames(0)]
+    while bounds[-1][1] < frames:
+        bounds.append(preset.chunk_video_frames(len(bounds)))
     assert bounds[-1][1] == frames, (bounds, frames)
     return bounds
 

@@ -40,11 +40,8 @@ def lr_tokens_for(preset, model, vae_wrapper, compressor, latents: torch.Tensor,
     for i in range(latents.shape[0]):
         px = vae_wrapper.vae.decode(latents[i:i + 1].float()).sample           # (1, 3, 81, H, W)
         per = []
-        start = 0
         for c in range(n_chunks):
-            nf = 1 + 4 * (T - 1) if c == 0 else 4 * T
-            pix = px[:, :, start:start + nf]
-            start += nf
+            pix = px[:, :, slice(*preset.chunk_video_frames(c))]
             tok = MidCompressor.lr_branch(compressor, pix, block_grid)         # (1, D, Tc, hc, wc)
             per.append(tok.flatten(2).transpose(1, 2)[0])
         out.append(torch.stack(per))
