@@ -196,6 +196,8 @@ class BoundedKVCache(KVCache):
         self.importance = BlockImportance(layers, slots, c.importance_decay)
         self.recent_qsum = torch.zeros(layers, b, self.recent_cap if self.compresses else 0, h, d, device=device)
         self._selection: list[torch.Tensor | None] = [None] * layers
+        self._selected_ids: list[list[int] | None] = [None] * layers   # chunk ids at selection time (a slot may
+                                                                         # be evicted and refilled by the commit)
         self._plan: dict | None = None
         self._incoming_slot: int | None = None
         self._displaced_slot: int | None = None
@@ -250,14 +252,15 @@ class BoundedKVCache(KVCache):
                     self.importance.update(layer, self._scores(layer, q, plan).cpu(), valid)
                 sel = self.importance.top_k(layer, n_sel, valid)
             sel = sel[torch.argsort(self.mid_chunk_ids[sel])]                          # chronological
+        self._selected_ids[layer] = self.mid_chunk_ids[sel].tolist()
         sel = sel.to(self.mid_k.device)          # reused by every pass of this chunk: copy to the device once
         self._selection[layer] = sel
         return sel
 
     def selected_chunks(self, layer: int) -> list[int] | None:
-        """Chunk ids of the mid blocks `layer` attends to this chunk, oldest first (None before the first step)."""
-        sel = self._selection[layer]
-        return None if sel is None else self.mid_chunk_ids[sel.cpu()].tolist()
+        """Chunk ids of the mid blocks `layer` attended to for the latest chunk, oldest first (None before its first
+        step); still right after the chunk's commit has evicted one of them from the bank."""
+        return None if self._selection[layer] is None else list(self._selected_ids[layer])
 
     def _scores(self, layer: int, q: torch.Tensor, plan: dict) -> torch.Tensor:
         """Mean per-token affinity of every mid slot to the current chunk's and the recent chunks' queries."""

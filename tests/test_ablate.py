@@ -36,6 +36,9 @@ def test_ablate_writes_rows_table_and_strip(tmp_path):
             assert np.isfinite(r[key]), key
         assert 0 <= r["memory_recall"] <= 1 and 0 <= r["subject_consistency"] <= 1
     assert "fifo" in rows["packed fifo"]["setting"] and "sink 0" in rows["no sink"]["setting"]
+    # FIFO attends to the newest blocks, which the memory script leaves empty: it never selects the subject's
+    assert rows["packed fifo"]["subject_blocks_selected"] == 0.0
+    assert 0 <= rows["no sink"]["subject_blocks_selected"] <= 1
     assert rows["no sink"]["attended_tokens"] < rows["packed fifo"]["attended_tokens"]   # the sink's tokens
     assert "| packed fifo |" in (tmp_path / "ABLATIONS.md").read_text()
     assert (tmp_path / "ablations.png").stat().st_size > 0
@@ -46,3 +49,24 @@ def test_ablate_writes_rows_table_and_strip(tmp_path):
     from PIL import Image
     a, b = (np.asarray(Image.open(d / "ablations.png")) for d in (tmp_path, tmp_path / "merged"))
     assert np.array_equal(a, b)
+
+
+def test_memory_trial_reports_which_mid_blocks_were_selected(monkeypatch):
+    """The share of selected mid blocks that held the subject: 0 for FIFO (the newest blocks are the empty gap),
+    1 for a selection that takes the oldest blocks (the subject's, right after the sink), none for a cache
+    without a mid bank."""
+    import torch
+    import packcache.cache as C
+    from packcache import Generator
+    gen = Generator.from_preset("tiny", device="cpu")        # sink 1, recent 1, top-2 of a 4-block bank
+    trial = MEM.trials(1, seed=2)[0]
+    script = dict(sink=1, seen=2, gap=3, probe=1)            # bank at the probe: chunks 1, 2 (subject), 3, 4
+    assert MEM.run_trial(gen, trial, cache="window", **script)["subject_selected"] is None
+    with ablate.applied(gen, ablate.Variant("fifo", overrides={"selection": "fifo"})):
+        assert MEM.run_trial(gen, trial, cache="packed", **script)["subject_selected"] == 0.0
+
+        def oldest_k(chunk_ids, valid, k):
+            masked = torch.where(valid, -chunk_ids.float(), torch.tensor(float("-inf")))
+            return torch.topk(masked, k).indices
+        monkeypatch.setattr(C, "newest", oldest_k)
+        assert MEM.run_trial(gen, trial, cache="packed", **script)["subject_selected"] == 1.0

@@ -114,6 +114,7 @@ def run_variant(gen, v: Variant, trials: list, probe: int, seconds: float, promp
         "setting": setting,
         "subject_consistency": float(np.mean([w["subject_consistency"] for w in windows])),
         "memory_recall": float(np.mean([m["recall"] for m in mem])),
+        "subject_blocks_selected": _mean_or_none([m["subject_selected"] for m in mem]),
         "prompt_following": follow,
         "kv_kib": kv / 1024,
         "attended_tokens": attended,
@@ -124,6 +125,11 @@ def run_variant(gen, v: Variant, trials: list, probe: int, seconds: float, promp
     }
     strip = {"memory": mem[0]["frames"], "long": long["frames"]}
     return row, strip
+
+
+def _mean_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def strip_row(s: dict, probe_frames: int, every_s: float = 10.0, fps: int = 16, scale: int = 2) -> np.ndarray:
@@ -138,6 +144,7 @@ def strip_row(s: dict, probe_frames: int, every_s: float = 10.0, fps: int = 16, 
 
 
 COLUMNS = [("variant", "variant", ""), ("setting", "cache", ""), ("memory_recall", "memory recall", ".2f"),
+           ("subject_blocks_selected", "subject blocks selected", ".2f"),
            ("subject_consistency", "subject consistency", ".2f"), ("subject_last_10s", "subject, last 10 s", ".2f"),
            ("prompt_following", "prompt following", ".0%"), ("kv_kib", "K/V KiB", ".0f"),
            ("attended_tokens", "attended tokens", ""), ("s_per_chunk", "s/chunk", ".3f")]

@@ -110,10 +110,11 @@ def load_generator(weights: str | Path | None = None, cache_threads: int | None 
 
 
 def md_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
-    """cols: (key, header, format)."""
+    """cols: (key, header, format); a value that is None or missing (a measure that does not apply) shows as -."""
+    cell = lambda v, f: "-" if v is None else format(v, f) if f else str(v)     # noqa: E731
     head = "| " + " | ".join(h for _, h, _ in cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"
-    body = ["| " + " | ".join(format(r[k], f) if f else str(r[k]) for k, _, f in cols) + " |" for r in rows]
+    body = ["| " + " | ".join(cell(r.get(k), f) for k, _, f in cols) + " |" for r in rows]
     return "\n".join([head, sep] + body)
 
 

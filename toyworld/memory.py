@@ -114,14 +114,30 @@ def run_trial(gen, trial: MemoryTrial, cache: str = "packed", sink: int = 2, see
     frames, shown = script_frames(gen, trial, sink, seen, gap)
     latents = encode_chunks(gen, frames, len(shown))
     s = gen.open(trial.prompt, seed=seed, cache=cache)
+    subject_chunks = set(range(sink, sink + seen))
+    out, picked = [], []
     try:
         for z in latents:
             teacher_force(s, z)
-        out = [s.next_chunk() for _ in range(probe)]
+        for _ in range(probe):
+            out.append(s.next_chunk())
+            picked += selected_mid_chunks(s)
         stats = s.stats()
     finally:
         s.close()
     got = [M.dominant_color(c) for c in out]
     return {"trial": trial, "got": got, "recall": sum(g == trial.color for g in got) / probe,
             "frames": np.concatenate(out), "kv_bytes": stats.get("kv_bytes", 0),
-            "attended_tokens": stats.get("attended_tokens", 0)}
+            "attended_tokens": stats.get("attended_tokens", 0),
+            "subject_selected": (sum(c in subject_chunks for c in picked) / len(picked)) if picked else None}
+
+
+def selected_mid_chunks(session) -> list[int]:
+    """Chunk ids of the mid blocks every layer attended to for the session's last chunk (empty for caches without
+    a mid bank). Memory recall needs two things, that selection picks the blocks that held the subject and that
+    the model reads them; this is the first, measured apart from the second."""
+    layers = session.gen.preset.transformer.num_layers
+    chosen = getattr(session.cache, "selected_chunks", None)
+    if chosen is None:
+        return []
+    return [c for layer in range(layers) for c in (chosen(layer) or [])]
