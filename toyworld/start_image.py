@@ -7,8 +7,8 @@ For each subject (a colour and a shape, rendered by the world itself at frame 0)
 frame with an **empty prompt** and runs 120 s with the packed cache, 60 s with window and full. Each chunk's subject colour
 is read with the world's exact metric (`toyworld.metrics.dominant_color`); the table gives the share of chunks in
 the picture's colour, by cache, and by 10 s window, with the preset's context guidance
-(`SamplerConfig.context_guidance`, 2 on the toy preset); an ablation runs the packed cache without it. Then each start frame is combined with a prompt asking for another colour: the
-prompt should win within 2 chunks. The time to the first chunk is compared with a text-only stream's.
+(`SamplerConfig.context_guidance`, 2 on the toy preset); an ablation runs the packed cache without it. Then each
+start frame is combined with a prompt asking for another colour: the prompt should win within 2 chunks. The time to the first chunk is compared with a text-only stream's.
 """
 
 from __future__ import annotations
@@ -134,13 +134,12 @@ def run_subject(i: int, args, caches: list[str], out: Path) -> None:
     # the long runs and the switch use --context-guidance, by default the preset's
     if args.context_guidance is not None:
         gen.sampler = FlowSampler(replace(gen.sampler.config, context_guidance=args.context_guidance))
-    res_guidance = gen.sampler.config.context_guidance
     gen.warmup()
     fps, per_chunk = gen.fps, 12
     n_chunks = lambda seconds: int(np.ceil((seconds * fps - 9) / per_chunk)) + 1   # noqa: E731
     win = int(10 * fps / per_chunk)
     color, shape, bg, bgc = SUBJECTS[i]
-    res: dict = {"long": [], "ablation": [], "switch": [], "context_guidance": res_guidance}
+    res: dict = {"long": [], "ablation": [], "switch": [], "context_guidance": gen.sampler.config.context_guidance}
     res["text_first_chunk_s"] = stream(gen, TEXT_PROMPT, None, "packed", 1, seed=0)["first_chunk_s"]
     img = start_frame(color, shape, bg, bgc, seed=i)
     assert M.dominant_color(img) == color, "the rendered start frame must measure as its colour"
