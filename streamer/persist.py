@@ -116,7 +116,7 @@ class SessionStore:
                 continue
             t = time.perf_counter()
             try:
-                await self._restore_one(server, sid, key, path)
+                await self.restore_detached(server, sid, key, path)
             except Exception as exc:  # noqa: BLE001 - another model, corrupted data...: say so, drop the file
                 log.warning("session %s: cannot restore it (%s); deleting its snapshot", sid, exc)
                 os.unlink(path)
@@ -126,7 +126,9 @@ class SessionStore:
                      time.perf_counter() - t, server.config.reconnect_grace)
         return restored
 
-    async def _restore_one(self, server: "StreamServer", sid: str, key: str, path: str) -> None:
+    async def restore_detached(self, server: "StreamServer", sid: str, key: str | None, path: str) -> None:
+        """Bring the snapshot at `path` back as session `sid`, detached: it waits `reconnect_grace` seconds for a
+        resume with `key` and then ends (a restart's saved sessions, and a session moved in from another worker)."""
         from .server import ClientConnection
 
         cfg = server.config

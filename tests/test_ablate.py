@@ -35,6 +35,7 @@ def test_ablate_writes_rows_table_and_strip(tmp_path):
                     "s_per_chunk"):
             assert np.isfinite(r[key]), key
         assert 0 <= r["memory_recall"] <= 1 and 0 <= r["subject_consistency"] <= 1
+        assert 0 <= r["subject_drawn"] <= 1 and r["memory_recall"] <= r["subject_drawn"]   # recall needs a subject
     assert "fifo" in rows["packed fifo"]["setting"] and "sink 0" in rows["no sink"]["setting"]
     # FIFO attends to the newest blocks, which the memory script leaves empty: it never selects the subject's
     assert rows["packed fifo"]["subject_blocks_selected"] == 0.0

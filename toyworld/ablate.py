@@ -9,7 +9,8 @@ Variants (one row each): packed top-k with the shipped `hr+lr` compressor, packe
 sink, the compressor as `hr`, `lr` and `pool`, the sink + sliding `window`, and `full` history. Each runs
 
 * the memory test (`toyworld/memory.py`): a subject seen after the sink, gone for longer than the recent window,
-  then a prompt that names no colour: `memory_recall` is the share of generated chunks in the subject's colour;
+  then a prompt that names no colour: `memory_recall` is the share of generated chunks in the subject's colour,
+  `subject_drawn` the share with any subject at all (a model that continues the empty gap recalls nothing either);
 * the 120 s extrapolation (24x the 5 s training clips, as `toyworld.evaluate`): `subject_consistency` is colour and
   shape agreement with the first second, averaged over 10 s windows; K/V KiB, attended tokens per layer and
   seconds per chunk at the end of it;
@@ -114,6 +115,7 @@ def run_variant(gen, v: Variant, trials: list, probe: int, seconds: float, promp
         "setting": setting,
         "subject_consistency": float(np.mean([w["subject_consistency"] for w in windows])),
         "memory_recall": float(np.mean([m["recall"] for m in mem])),
+        "subject_drawn": float(np.mean([m["drawn"] for m in mem])),
         "subject_blocks_selected": _mean_or_none([m["subject_selected"] for m in mem]),
         "prompt_following": follow,
         "kv_kib": kv / 1024,
@@ -144,6 +146,7 @@ def strip_row(s: dict, probe_frames: int, every_s: float = 10.0, fps: int = 16, 
 
 
 COLUMNS = [("variant", "variant", ""), ("setting", "cache", ""), ("memory_recall", "memory recall", ".2f"),
+           ("subject_drawn", "probe chunks with a subject", ".2f"),
            ("subject_blocks_selected", "subject blocks selected", ".2f"),
            ("subject_consistency", "subject consistency", ".2f"), ("subject_last_10s", "subject, last 10 s", ".2f"),
            ("prompt_following", "prompt following", ".0%"), ("kv_kib", "K/V KiB", ".0f"),

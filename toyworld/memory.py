@@ -126,7 +126,9 @@ def run_trial(gen, trial: MemoryTrial, cache: str = "packed", sink: int = 2, see
     finally:
         s.close()
     got = [M.dominant_color(c) for c in out]
+    # recall 0 has two causes: the colour is wrong, or nothing is drawn (the model continues the empty gap)
     return {"trial": trial, "got": got, "recall": sum(g == trial.color for g in got) / probe,
+            "drawn": sum(g is not None for g in got) / probe,
             "frames": np.concatenate(out), "kv_bytes": stats.get("kv_bytes", 0),
             "attended_tokens": stats.get("attended_tokens", 0),
             "subject_selected": (sum(c in subject_chunks for c in picked) / len(picked)) if picked else None}

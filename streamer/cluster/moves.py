@@ -57,7 +57,7 @@ async def adopt(server: StreamServer, sid: str, resume_key: str | None, blob: by
         with open(path, "wb") as f:
             f.write(blob)
         info = snapshot_info(path)
-        await store._restore_one(server, sid, resume_key, path)
+        await store.restore_detached(server, sid, resume_key, path)
     server.metrics.sessions_total.inc()
     log.info("session %s adopted at chunk %d; waiting for its client", sid, info.chunk_index)
     return int(info.chunk_index)
