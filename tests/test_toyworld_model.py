@@ -333,3 +333,47 @@ def test_recode_stage_draws_its_clips_from_its_own_mix(tmp_path):
     # chunk 0 of a still clip is one frame held: its latent frames change less than a moving clip's
     change = {k: (v[:, :, 1] - v[:, :, 2]).abs().mean().item() for k, v in z.items()}
     assert change["still"] < 0.8 * change["normal"], change
+
+
+def test_first_stage_trains_first_chunks_alone_and_recode_clips(tmp_path):
+    """`--stages first`: fresh 9-frame clips (one first stream chunk: 3 latent frames each), then the current DiT
+    fine-tuned on batches of them and on the `recode` stage's clips, into the tuned file `hr` and `pack` take;
+    without the recode stage's clips it stops with one clear message."""
+    from toyworld.train import (
+        DEFAULT_OUT,
+        DIT_FILE,
+        TUNED_FILE,
+        DiTRecipe,
+        FirstChunkRecipe,
+        build_model,
+        final_dit_file,
+        scene_to_dict,
+        toy_preset,
+        train_first,
+        vae_from_bundle,
+    )
+    from toyworld.world import World
+    p = toy_preset()
+    vae_from_bundle(DEFAULT_OUT, tmp_path)
+    torch.save(build_model(p, 0).state_dict(), tmp_path / DIT_FILE)
+    tune = FirstChunkRecipe(clips=4, steps=6, first_share=0.5, batch=2)
+    with pytest.raises(SystemExit, match="recode"):
+        train_first(p, tmp_path, 0, DiTRecipe(batch=2), tune)
+    world = World(0)
+    g = torch.Generator().manual_seed(0)
+    torch.save({"latents": torch.randn(4, 16, 21, 8, 8, generator=g).half(), "foreground": torch.zeros(4, 21, 8, 8),
+                "scenes": [scene_to_dict(world.sample(1, 64)[2]) for _ in range(4)]}, tmp_path / "data_chunkwise.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        info = train_first(p, tmp_path, 0, DiTRecipe(batch=2), tune)
+    finally:
+        torch.set_num_threads(threads)
+    first = torch.load(tmp_path / "data_first.pt")
+    assert first["latents"].shape == (4, 16, p.cache.chunk_frames, 8, 8)
+    assert first["foreground"].shape == (4, 3, 8, 8) and len(first["scenes"]) == 4
+    assert info["steps"] == 6 and 0 < info["first_chunk_steps"] < 6, info
+    assert np.isfinite(info["first_chunk_final_loss"]) and np.isfinite(info["final_loss"])
+    assert final_dit_file(tmp_path) == tmp_path / TUNED_FILE
+    before, after = torch.load(tmp_path / DIT_FILE), torch.load(tmp_path / TUNED_FILE)
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point)
