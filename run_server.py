@@ -264,6 +264,7 @@ def _build(args, device, dtype, preset):
 
 
 async def serve(args) -> int:
+    from streamer.console import listen_error, ready_line
     from streamer.server import StreamServer
 
     config = config_from_args(args)
@@ -272,8 +273,7 @@ async def serve(args) -> int:
     try:
         await server.listen()
     except OSError as exc:
-        print(f"run_server.py: error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(listen_error(config.host, config.port, exc), file=sys.stderr)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -288,10 +288,7 @@ async def serve(args) -> int:
         print(f"run_server.py: error: could not load the model: {exc}", file=sys.stderr)
         return 1
     if not stop.is_set():
-        url = server.url + ("?token=<token>" if config.token else "")   # the token itself is never printed
-        where = ("  (the token is the one set with --token, --token-file or $PACKFORCING_TOKEN)"
-                 if config.token else "")
-        print(f"ready: open {url} in a browser  (Ctrl+C stops){where}", flush=True)
+        print(ready_line(server.url, bool(config.token)), flush=True)
         await stop.wait()
     print("shutting down…", flush=True)
     load.cancel()

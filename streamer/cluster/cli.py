@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from typing import Any, Callable
 
+from ..console import listen_error, ready_line
 from .config import ClusterConfig
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,7 @@ async def serve_cluster(args, config, make_factory: Callable[[Any], Callable[[],
     try:
         await door.listen()
     except OSError as exc:
-        print(f"run_server.py: error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(listen_error(config.host, config.port, exc), file=sys.stderr)
         return 1
     print(f"starting {cluster.workers} worker(s) on Ray… (/healthz says 'starting' until one is warm: "
           f"{door.url}healthz)", flush=True)
@@ -72,8 +72,7 @@ async def serve_cluster(args, config, make_factory: Callable[[Any], Callable[[],
             print(f"run_server.py: error: {start.exception()}", file=sys.stderr)
             status = 1
         elif not stop.is_set():
-            url = door.url + (f"?token={config.token}" if config.token else "")
-            print(f"ready: open {url} in a browser  ({len(door.views)} workers; Ctrl+C stops)", flush=True)
+            print(ready_line(door.url, bool(config.token), f"{len(door.views)} workers"), flush=True)
             await stop.wait()
         start.cancel()
     finally:
