@@ -15,6 +15,9 @@ def test_memory_script_shows_the_subject_only_between_sink_and_gap():
     gen = Generator.from_preset("tiny", device="cpu")
     trial = MEM.trials(3, seed=1)[2]
     assert trial.color not in trial.prompt and trial.shape in trial.prompt
+    from toyworld.world import BACKGROUND_COLORS, SHAPE_COLORS
+    words = set(trial.prompt.split())    # no colour word at all: the subject's colour can come only from memory
+    assert not words & (set(SHAPE_COLORS) | set(BACKGROUND_COLORS)), trial.prompt
     frames, shown = MEM.script_frames(gen, trial, sink=2, seen=3, gap=3)
     assert shown == [False, False, True, True, True, False, False, False]
     assert len(frames) == MEM.chunk_frames(gen, 7)[1] == 9 + 7 * 12
