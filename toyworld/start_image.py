@@ -4,11 +4,12 @@
     python -m toyworld.start_image --subjects 0 & ... --subjects 2; python -m toyworld.start_image --report
 
 For each subject (a colour and a shape, rendered by the world itself at frame 0) the stream starts from that one
-frame with an **empty prompt** and runs 120 s with the packed cache, 60 s with window and full. Each chunk's subject colour
-is read with the world's exact metric (`toyworld.metrics.dominant_color`); the table gives the share of chunks in
-the picture's colour, by cache, and by 10 s window, with the preset's context guidance
+frame with an **empty prompt** and runs 120 s with the packed cache, 60 s with window and full. Each chunk's
+subject colour is read with the world's exact metric (`toyworld.metrics.dominant_color`); the table gives the share
+of chunks in the picture's colour, by cache, and by 10 s window, with the preset's context guidance
 (`SamplerConfig.context_guidance`, 2 on the toy preset); an ablation runs the packed cache without it. Then each
-start frame is combined with a prompt asking for another colour: the prompt should win within 2 chunks. The time to the first chunk is compared with a text-only stream's.
+start frame is combined with a prompt asking for another colour: the prompt should win within 2 chunks. The time to
+the first chunk is compared with a text-only stream's.
 """
 
 from __future__ import annotations

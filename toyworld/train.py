@@ -172,55 +172,59 @@ def encode_chunkwise(vae, x: torch.Tensor, chunk_latents: int = 3) -> torch.Tens
 
 
 @torch.no_grad()
+def _encode_fresh_clips(preset, work: Path, seed: int, clips: int, batch: int, device: str, draw, encode,
+                        out_name: str, desc: str) -> dict:
+    """`clips` clips drawn from their own world seed by `draw(world) -> (frames, scene dict)`, encoded a batch at a
+    time by `encode(vae, x)`: latents, foreground maps and scenes as `make_dataset` stores them, in `out_name`."""
+    t0 = time.time()
+    vae = load_vae(preset, work, device=device)
+    world = World(seed)
+    lat, fg, scenes = [], [], []
+    for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, desc):
+        xs = []
+        for _ in range(batch):
+            frames, scene = draw(world)
+            xs.append(to_tensor(frames))
+            fg.append(foreground_fraction(frames).half())
+            scenes.append(scene)
+        lat.append(encode(vae, torch.stack(xs).to(device)).half().cpu())
+    data = {"latents": torch.cat(lat)[:clips], "foreground": torch.stack(fg)[:clips], "scenes": scenes[:clips]}
+    torch.save(data, work / out_name)
+    return {"wall_s": time.time() - t0, "clips": clips, "latent_shape": list(data["latents"].shape)}
+
+
 def make_chunkwise_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8, device: str = "cpu",
                            mix: ClipMix = ClipMix()) -> dict:
     """Fresh 5-second clips (their own world seed, kinds drawn per `mix`) encoded chunk by chunk
-    (`encode_chunkwise`), for the `recode` stage: latents, foreground maps and scenes as `make_dataset` stores
-    them, in `data_chunkwise.pt`."""
-    t0 = time.time()
-    vae = load_vae(preset, work, device=device)
-    world = World(seed)
-    lat, fg, scenes = [], [], []
-    for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, "data (chunk by chunk)"):
-        xs = []
-        for _ in range(batch):
-            frames, scene, kind = world.sample_training(chunk_bounds(preset), preset.height, mix)
-            xs.append(to_tensor(frames))
-            fg.append(foreground_fraction(frames).half())
-            scenes.append(scene_to_dict(scene, kind))
-        lat.append(encode_chunkwise(vae, torch.stack(xs).to(device)).half().cpu())
-    data = {"latents": torch.cat(lat)[:clips], "foreground": torch.stack(fg)[:clips], "scenes": scenes[:clips]}
-    torch.save(data, work / "data_chunkwise.pt")
-    return {"wall_s": time.time() - t0, "clips": clips, "latent_shape": list(data["latents"].shape)}
+    (`encode_chunkwise`), for the `recode` stage, in `data_chunkwise.pt`."""
+    bounds = chunk_bounds(preset)
+
+    def draw(world):
+        frames, scene, kind = world.sample_training(bounds, preset.height, mix)
+        return frames, scene_to_dict(scene, kind)
+
+    return _encode_fresh_clips(preset, work, seed, clips, batch, device, draw, encode_chunkwise,
+                               "data_chunkwise.pt", "data (chunk by chunk)")
 
 
-@torch.no_grad()
 def make_first_chunk_dataset(preset, work: Path, seed: int, clips: int, batch: int = 32, device: str = "cpu") -> dict:
     """Fresh clips of one first stream chunk each (`Preset.chunk_video_frames(0)`: 9 frames -> 3 latent frames),
-    from their own world seed, for the `first` stage: latents, foreground maps and scenes in `data_first.pt`."""
-    t0 = time.time()
-    vae = load_vae(preset, work, device=device)
-    world = World(seed)
+    from their own world seed, for the `first` stage, in `data_first.pt`."""
     n_frames = preset.chunk_video_frames(0)[1]
-    lat, fg, scenes = [], [], []
-    for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, "data (first chunks)"):
-        xs = []
-        for _ in range(batch):
-            frames, _, scene = world.sample(n_frames, preset.height, augment_caption=False)
-            xs.append(to_tensor(frames))
-            fg.append(foreground_fraction(frames).half())
-            scenes.append(scene_to_dict(scene))
-        lat.append(vae.encode(torch.stack(xs).to(device)).latent_dist.mean.half().cpu())
-    data = {"latents": torch.cat(lat)[:clips], "foreground": torch.stack(fg)[:clips], "scenes": scenes[:clips]}
-    torch.save(data, work / "data_first.pt")
-    return {"wall_s": time.time() - t0, "clips": clips, "latent_shape": list(data["latents"].shape)}
+
+    def draw(world):
+        frames, _, scene = world.sample(n_frames, preset.height, augment_caption=False)
+        return frames, scene_to_dict(scene)
+
+    return _encode_fresh_clips(preset, work, seed, clips, batch, device, draw,
+                               lambda vae, x: vae.encode(x).latent_dist.mean, "data_first.pt", "data (first chunks)")
 
 
 # ============================================================================================ stage 3: DiT
 
 @dataclass
 class DiTRecipe:
-    steps: int = 3200                   # the whole recipe: ~88 min on the 2-core dev machine (toyworld/README.md)
+    steps: int = 3200                   # the whole recipe: ~86 min on the 2-core dev machine (toyworld/README.md)
     batch: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -269,9 +273,9 @@ class FirstChunkRecipe:
     stage sees ~3x more first chunks per second than the `dit` stage does. `first_share` of the steps are such
     batches from `clips` fresh 9-frame clips; the rest are ordinary `recode` steps on its clips and mix, so the
     continuation (and issue 19's still starts) is not forgotten: at 0.8 one prompt switch in 10 took 3 chunks
-    instead of <= 2; at 0.6 all 10 hold (`toyworld.evaluate --only switch`). Pilot (session 9, 30 min, 8,192 clips): one subject
-    31 -> 46%, background colour 86 -> 100% on 12 prompts x 8 chunks (RETRAIN_PLAN.md); this stage is its
-    7-minute version (420 s on 2 cores), what the 90-minute CPU budget leaves."""
+    instead of <= 2; at 0.6 all 10 hold (`toyworld.evaluate --only switch`). Pilot (session 9, 30 min, 8,192
+    clips): one subject 31 -> 46%, background colour 86 -> 100% on 12 prompts x 8 chunks (RETRAIN_PLAN.md); this
+    stage is its 7-minute version (420 s on 2 cores), what the 90-minute CPU budget leaves."""
     clips: int = 1536
     data_seed: int = 777
     steps: int = 480
@@ -336,9 +340,10 @@ class CaptionSampler:
     """Re-draws a paraphrased caption for a stored scene each time (caption augmentation), and embeds it; with
     `null_prob`, the empty prompt instead (classifier-free guidance's unconditional branch)."""
 
-    def __init__(self, preset, scenes: list[dict], seed: int, null_prob: float = 0.0, mix: ClipMix = ClipMix()):
+    def __init__(self, preset, scenes: list[dict], seed: int, null_prob: float = 0.0, mix: ClipMix = ClipMix(),
+                 encoder=None):
         from packcache.text import build_text_encoder
-        self.encoder = build_text_encoder(preset.text)
+        self.encoder = encoder or build_text_encoder(preset.text)     # samplers of one loop share one encoder
         self.scenes = [scene_from_dict(d) for d in scenes]
         self.kinds = [d.get("clip", "normal") for d in scenes]
         self.rng = np.random.default_rng(seed)
@@ -539,7 +544,8 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     captions = CaptionSampler(preset, data["scenes"], seed + 3, recipe.null_prompt_prob, mix)
-    first_captions = CaptionSampler(preset, first["scenes"], seed + 6, recipe.null_prompt_prob) if first else None
+    first_captions = (CaptionSampler(preset, first["scenes"], seed + 6, recipe.null_prompt_prob,
+                                     encoder=captions.encoder) if first else None)
     null_text = captions.encoder.encode([""]).to(device) if recipe.roll_prob > 0 else None
     gen = torch.Generator().manual_seed(seed + 4)
     rng = np.random.default_rng(seed + 5)
