@@ -37,6 +37,7 @@ from aiortc.sdp import SessionDescription as ParsedSdp
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 
 from . import protocol as P
@@ -58,6 +59,21 @@ _TARPIT = 2.0           # seconds a refused flooder's reconnect waits for its 42
 # Headers a request may carry once: two Origins or Authorizations make every check ambiguous (and raised
 # MultipleValuesError in the check), two Hosts are request smuggling. The request is refused with 400.
 _SINGLE_HEADERS = ("Host", "Origin", "Authorization", "Sec-WebSocket-Key", "Sec-WebSocket-Version")
+
+
+class BudgetedConnection(ServerConnection):
+    """A websocket whose control frames are charged to its client's flood budget like messages.
+
+    websockets answers every ping with a pong by itself, below `ClientConnection`'s message loop, so a client
+    pinging in a tight loop cost the event loop and its socket without ever touching the budget (a pong is as large
+    as its ping: up to 125 bytes back per frame). `on_control(nbytes)` is set by the client that owns the socket."""
+
+    on_control: Callable[[int], None] | None = None
+
+    def process_event(self, event) -> None:
+        if isinstance(event, Frame) and event.opcode in (Opcode.PING, Opcode.PONG) and self.on_control is not None:
+            self.on_control(len(event.data))
+        super().process_event(event)
 
 
 class Refused(Exception):
@@ -124,7 +140,8 @@ class StreamServer:
         self._ws_server = await serve(
             self._handle, cfg.host, cfg.port, process_request=self._http,
             max_size=cfg.limits.hard_max_message_bytes, ping_interval=cfg.ping_interval,
-            ping_timeout=cfg.ping_timeout, close_timeout=2.0, server_header="packforcing-live")
+            ping_timeout=cfg.ping_timeout, close_timeout=2.0, server_header="packforcing-live",
+            create_connection=BudgetedConnection)
         self.port = self._ws_server.sockets[0].getsockname()[1]
         for coro in (self._watch_loop(), self._sweep()):
             self._spawn(coro)
@@ -435,6 +452,7 @@ class ClientConnection:
         self._expiry: asyncio.Task | None = None
         self._track_totals = (0, 0, 0)          # sent, repeated, skipped frames of closed tracks
         self._stopped = False
+        self._flood_closing = False             # a control-frame flood's close is scheduled
 
     @property
     def preset(self):
@@ -466,7 +484,7 @@ class ClientConnection:
     async def run(self, ws: ServerConnection) -> None:
         """The first websocket: open the session, then serve messages until the websocket closes."""
         server, cfg, metrics = self.server, self.server.config, self.server.metrics
-        self.ws = ws
+        self._attach(ws)
         self.session = self.new_stream_session()
         try:
             try:
@@ -489,7 +507,8 @@ class ClientConnection:
         """A resumed websocket (?resume=&key=): same session, cache and position; the client offers again."""
         if self._expiry is not None:
             self._expiry.cancel()
-        self.ws, self.detached_at, self.last_activity = ws, None, time.monotonic()
+        self._attach(ws)
+        self.detached_at, self.last_activity = None, time.monotonic()
         log.info("session %s resumed by %s", self.sid, ws.remote_address)
         if self.server.state is not None:      # restored from the state dir: the file has served its purpose
             self.server.state.discard(self.sid)
@@ -632,6 +651,18 @@ class ClientConnection:
         except Exception as e:  # noqa: BLE001 - the session lives on
             log.exception("session %s: handling %s failed", self.sid, type(msg).__name__)
             await self.send_error("internal", f"{type(e).__name__}: {e}", getattr(msg, "id", None))
+
+    def _attach(self, ws: ServerConnection) -> None:
+        self.ws = ws
+        if isinstance(ws, BudgetedConnection):
+            ws.on_control = self._on_control_frame
+
+    def _on_control_frame(self, nbytes: int) -> None:
+        """A ping or pong from the client (called inside websockets' frame parsing): charged as a message."""
+        now = time.monotonic()
+        if not self.flood.charge(nbytes, now) and not self._flood_closing:
+            self._flood_closing = True                 # one close, however many frames the same read held
+            self.server._spawn(self._flooded(now))
 
     async def _flooded(self, now: float) -> None:
         if self.failing:

@@ -19,6 +19,7 @@ import pytest
 import websockets
 from aiortc import RTCPeerConnection
 
+from streamer import protocol as P
 from streamer.client import ServerError, StreamClient
 from streamer.config import ServerConfig
 from streamer.protocol import Limits
@@ -86,6 +87,34 @@ async def test_a_flooding_client_is_closed_and_the_bystander_keeps_its_video(tin
             assert viewer.errors() == []
             assert (await viewer.request({"type": "ping"}))["type"] == "pong"
             assert len(bg.server.clients) == 1                            # the flooder holds no slot
+
+
+async def test_a_ping_flood_is_charged_to_the_flood_budget(tiny_generator):
+    """websockets answers pings with pongs by itself, below the server's message loop: a client pinging in a tight
+    loop is charged like one sending messages, closed with rate_limited, and its address refused for a while."""
+    config = ServerConfig(port=0, max_sessions=2, record_dir=None)
+    lim = config.limits
+    with BackgroundServer(config, tiny_generator) as bg:
+        m = bg.server.metrics
+        async with websockets.connect(bg.server.ws_url, max_size=None) as ws:
+            sent = 0
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                for i in range(20 * lim.flood_burst):                  # far past the burst, at once
+                    await ws.ping(str(i))
+                    sent += 1
+                    if i % 50 == 0:
+                        await asyncio.sleep(0)
+                while True:
+                    await asyncio.wait_for(ws.recv(), 15)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == P.CLOSE_POLICY, closed.value
+            assert closed.value.rcvd.reason == "rate_limited"
+            assert sent <= 4 * lim.flood_burst, sent                  # closed soon after the budget ran out
+        assert m.rejected.value(reason="flood") == 1
+        with pytest.raises(websockets.InvalidStatus) as refused:       # the address is refused for flood_cooldown
+            async with websockets.connect(bg.server.ws_url, open_timeout=10):
+                pass
+        assert refused.value.response.status_code == 429
+        await poll(lambda: not bg.server.clients, timeout=10)          # the flooder's session is freed
 
 
 def raw_request(port, lines):
