@@ -22,6 +22,10 @@ class ServerConfig:
     # None: every session whose next chunk is due. Smaller batches: lower chunk latency, less throughput.
     max_batch: int | None = None
     token: str | None = None              # when set, clients must send it (?token= or Authorization: Bearer)
+    # A cluster worker: every connection comes from the front door (one address for all clients), which keeps the
+    # per-address flood penalty itself. A flooder is still closed here, but the address is never refused: that
+    # would refuse every client of the front door (streamer/cluster/frontdoor.py).
+    behind_front_door: bool = False
     metrics_need_token: bool = False      # /metrics asks for the token too (/healthz never does: load balancers)
     # Origins allowed to open the websocket besides the server's own listening addresses (scheme, host and port
     # compared; see streamer/access.py) and clients that send no Origin (scripts). "*" allows any origin.

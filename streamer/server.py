@@ -667,8 +667,10 @@ class ClientConnection:
     async def _flooded(self, now: float) -> None:
         if self.failing:
             return
-        lim, address = self.server.config.limits, _address(self.ws)
-        self.server.penalty.add(address, now + lim.flood_cooldown)
+        cfg = self.server.config
+        lim, address = cfg.limits, _address(self.ws)
+        if not cfg.behind_front_door:                  # (behind one, the address is the front door's)
+            self.server.penalty.add(address, now + lim.flood_cooldown)
         log.warning("session %s: %s flooded (over %g messages/s or %d bytes/s); closed, address refused for %g s",
                     self.sid, address, lim.flood_rate, lim.flood_bytes_rate, lim.flood_cooldown)
         self.server.metrics.rejected.inc(reason="flood")

@@ -13,6 +13,9 @@ behind, so delivered FPS is the pacing contract and chunk progress is checked se
   * killing a worker's process: its client is told (`worker_lost`) and gets a new session on the worker that is up,
     the other worker's client keeps receiving video with no error, and Ray restarts the dead worker (a new process
     and incarnation).
+  * a client flooding through the front door (messages, which the worker charges, or ping frames, which end at the
+    front door) is closed with rate_limited and its address refused at the front door, while both workers keep
+    taking new sessions (a worker cannot refuse the address it sees: it is the front door's).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import websockets
 
 from streamer.client import ServerError, StreamClient
 from streamer.cluster.exposition import add_label, merge
@@ -285,3 +289,44 @@ async def test_killing_a_worker_leaves_the_other_workers_clients_untouched(door)
         await a.close()
         await b.close()
 
+
+
+async def _flood(url: str, kind: str, frames: int):
+    """Send `frames` messages or ping frames as fast as possible; the close frame the server ends it with."""
+    async with websockets.connect(url, max_size=None) as ws:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            for i in range(frames):
+                if kind == "messages":
+                    await ws.send(json.dumps({"type": "ping"}))
+                else:
+                    await ws.ping(str(i))
+                if i % 50 == 0:
+                    await asyncio.sleep(0)
+            while True:
+                await asyncio.wait_for(ws.recv(), 30)
+    return closed.value.rcvd
+
+
+@pytest.mark.slow
+async def test_a_flooder_is_refused_at_the_front_door_and_the_workers_keep_taking_sessions(door):
+    lim = door.config.limits
+    for kind in ("messages", "pings"):
+        rcvd = await _flood(door.ws_url, kind, 20 * lim.flood_burst)
+        assert rcvd is not None and (rcvd.code, rcvd.reason) == (1008, "rate_limited"), (kind, rcvd)
+        assert door.penalty.remaining("127.0.0.1", time.monotonic()) > 0, kind     # refused at the front door
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(door.ws_url, open_timeout=10):
+                pass
+        assert refused.value.response.status_code == 429
+        door.penalty._until.clear()          # the test's next clients share the flooder's address
+        clients = []
+        try:
+            for _ in range(2):
+                clients.append(await _connect(door, video=False))
+            # both workers still take sessions from the front door: none refused it (429) or was marked down
+            assert sorted(_worker_of(door, c) for c in clients) == ["w0", "w1"], kind
+            assert not any(v.down for v in door.views.values())
+        finally:
+            for c in clients:
+                await c.close()
+        _wait(lambda: all(v.status["sessions"] == 0 and v.counted() == 0 for v in door.views.values()), 60)

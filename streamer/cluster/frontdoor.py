@@ -37,7 +37,8 @@ from websockets.http11 import Request, Response
 from .. import protocol as P
 from ..config import ServerConfig
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Registry
-from ..server import BackgroundServer, Refused, StreamServer, _query, _response, send_refusal
+from ..server import (BackgroundServer, BudgetedConnection, Refused, StreamServer, _address, _query, _response,
+                      send_refusal)
 from . import exposition
 from .config import ClusterConfig
 from .placement import WorkerView, pick
@@ -96,7 +97,7 @@ class FrontDoor(StreamServer):
         self._secret = secrets.token_urlsafe(24)  # workers accept only the front door
         wc = worker_config or config             # moves and resumes need sessions to wait for their client a while
         self.worker_config = replace(wc, token=self._secret, allowed_origins=(), state_dir=None,
-                                     reconnect_grace=wc.reconnect_grace or 30.0)
+                                     reconnect_grace=wc.reconnect_grace or 30.0, behind_front_door=True)
         self.log_level = log_level
         self.views: dict[str, WorkerView] = {}
         self.routes: dict[str, Route] = {}        # session id -> the worker holding it
@@ -404,7 +405,12 @@ class Relay:
         self.token = None if resume else view.reserve()   # a new session counts on the worker from now
         self.up = None
         self.sid: str | None = None
-        self.leaving = False                   # the front door ended this relay on purpose (drain)
+        self.leaving = False                   # the front door ended this relay on purpose (drain, flood)
+        # Messages are charged by the worker (it parses them); ping/pong frames end here, so they are charged here.
+        self.flood = P.FloodBudget(door.config.limits, time.monotonic())
+        self._flooding = False
+        if isinstance(client, BudgetedConnection):
+            client.on_control = self._on_control_frame
 
     async def connect(self) -> bool:
         q = _query(self.client.request)
@@ -494,6 +500,8 @@ class Relay:
     async def _worker_closed(self) -> None:
         """The worker closed the websocket: pass its close on, or, if it vanished, say so."""
         rcvd = self.up.protocol.close_rcvd
+        if rcvd is not None and rcvd.reason == "rate_limited":
+            self._penalise()                   # the worker saw a flood: it cannot refuse the address, we can
         if rcvd is not None:                   # a close frame: the worker ended it (fatal error already relayed)
             code = rcvd.code if rcvd.code not in (1005, 1006, 1015) else P.CLOSE_NORMAL
             await self.client.close(code, rcvd.reason)
@@ -514,12 +522,29 @@ class Relay:
         except ConnectionClosed:
             pass
 
-    async def leave(self, code: str, message: str) -> None:
+    async def leave(self, code: str, message: str, close_code: int = CLOSE_SERVICE_RESTART) -> None:
         """End this relay on purpose: tell the client, close both websockets (the worker frees the session)."""
         self.leaving = True
         await self.say(code, message)
-        await self.up.close(P.CLOSE_NORMAL, "moved")
-        await self.client.close(CLOSE_SERVICE_RESTART, code)
+        await self.up.close(P.CLOSE_NORMAL, code)
+        await self.client.close(close_code, code)
+
+    def _penalise(self) -> None:
+        """The client's address is refused for flood_cooldown (HTTP 429 before the upgrade, as on one server)."""
+        lim = self.door.config.limits
+        address = _address(self.client)
+        self.door.penalty.add(address, time.monotonic() + lim.flood_cooldown)
+        self.door.cmetrics.rejected.inc(reason="flood")
+        log.warning("%s flooded session %s; closed, address refused for %g s", address, self.sid, lim.flood_cooldown)
+
+    def _on_control_frame(self, nbytes: int) -> None:
+        if not self.flood.charge(nbytes, time.monotonic()) and not self._flooding:
+            self._flooding = True
+            self._penalise()
+            lim = self.door.config.limits
+            self.door._spawn(self.leave("rate_limited", f"over {lim.flood_rate:g} messages or "
+                                        f"{lim.flood_bytes_rate} bytes per second; connection closed, new ones "
+                                        f"refused for {lim.flood_cooldown:g} s", P.CLOSE_POLICY))
 
 
 def _json(status: int, body: dict) -> Response:
