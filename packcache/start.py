@@ -14,9 +14,9 @@ Rules (stated once, tested in tests/test_start.py):
   (12). A clip is padded *at the front* with copies of its first frame up to the next whole number of chunks, so
   its last frame is the last frame of context: the stream continues from where the clip ends, and its first frame
   is still what the sink holds. A single picture is therefore a still first chunk (9 copies).
-* **Encoding** is chunk by chunk, as the toy model's DiT was trained (toyworld/train.py `encode_chunkwise`): chunk 0
-  from its own frames, every later chunk afresh from the previous frame plus its own frames, keeping its last T
-  latents. A mid-stream cue (the stream already has context) is encoded like a later chunk: the picture's first
+* **Encoding** is chunk by chunk (`packcache.vae.encode_by_chunks`, which the toy model's training clips also go
+  through): chunk 0 from its own frames, every later chunk afresh from the previous frame plus its own frames,
+  keeping its last T latents. A mid-stream cue (the stream already has context) is encoded like a later chunk: the picture's first
   frame stands in as the "previous frame".
 """
 
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import StartFramesError
+from .vae import encode_by_chunks
 
 MAX_START_CHUNKS = 20   # 20 chunks of 3 latents = 237 frames (~15 s at 16 FPS): a clip, not a film
 
@@ -98,13 +99,6 @@ def encode_context(vae, frames: np.ndarray, chunk_frames: int, first: bool) -> l
                                f"({1 + s * (t * MAX_START_CHUNKS - 1)} frames); got {len(frames)} frames")
     clip = pad_front(frames, n, t, s, first)
     x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1.0)   # (1, 3, F, H, W) in [-1, 1]
-    if first:
-        a = 1 + s * (t - 1)
-        out = [vae.encode(x[:, :, :a])]
-    else:
-        a, out = 1, []                   # frame 0 is the leading copy
-    while a < x.shape[2]:
-        out.append(vae.encode(x[:, :, a - 1:a + s * t])[:, :, 1:])
-        a += s * t
+    out = encode_by_chunks(vae.encode, x, t, s, first)      # without `first`, frame 0 is the leading copy
     assert len(out) == n and all(c.shape[2] == t for c in out), [c.shape for c in out]
     return out

@@ -9,7 +9,7 @@ every `decode` call, so it can neither continue a video across calls nor serve t
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -269,6 +269,23 @@ class StreamingDecoder:
         v = self._vae
         self._cache = [c.to(v.device) if isinstance(c, torch.Tensor) else c for c in cache]
         self._first = bool(state["first"])
+
+
+def encode_by_chunks(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, chunk_frames: int,
+                     temporal_stride: int, first: bool = True) -> list[torch.Tensor]:
+    """Pixels (B, 3, F, H, W) -> latents, one (B, C, chunk_frames, h, w) tensor per stream chunk, each chunk encoded
+    afresh as a stream has it: with `first`, chunk 0 from its 1 + s(T-1) frames, as a video's start; every later
+    chunk from the frame before it plus its own sT frames, keeping the last T latents. Without `first`, frame 0 is
+    that leading frame. The one place this rule lives: start pictures (`packcache.start`) and the toy model's
+    training clips (`toyworld.train`) both encode through it, so the DiT is trained on the latents it is given.
+    `encode` maps pixels to latents (a `VideoVAE.encode`, or a raw `AutoencoderKLWan`'s posterior mean)."""
+    s, t = temporal_stride, chunk_frames
+    a = 1 + s * (t - 1) if first else 1
+    out = [encode(pixels[:, :, :a])] if first else []
+    while a < pixels.shape[2]:
+        out.append(encode(pixels[:, :, a - 1:a + s * t])[:, :, 1:])
+        a += s * t
+    return out
 
 
 def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor, cache: list[Any] | None = None,

@@ -162,13 +162,9 @@ def encode_chunkwise(vae, x: torch.Tensor, chunk_latents: int = 3) -> torch.Tens
     from its previous frame plus its own 12 (keeping the last 3 latents). Encoding a long clip in one go lets the
     causal encoder's state drift: by chunk 7-8 the subject's colour is lost in 12% of clips, chunk by chunk in none
     (toyworld/README.md), and the DiT learns whatever drift its targets carry."""
-    t = vae.config.scale_factor_temporal
-    first = 1 + t * (chunk_latents - 1)
-    per = t * chunk_latents
-    parts = [vae.encode(x[:, :, :first]).latent_dist.mean]
-    for a in range(first, x.shape[2], per):
-        parts.append(vae.encode(x[:, :, a - 1:a + per]).latent_dist.mean[:, :, 1:])
-    return torch.cat(parts, dim=2)
+    from packcache.vae import encode_by_chunks
+    return torch.cat(encode_by_chunks(lambda c: vae.encode(c).latent_dist.mean, x, chunk_latents,
+                                      vae.config.scale_factor_temporal), dim=2)
 
 
 @torch.no_grad()
