@@ -402,20 +402,18 @@ def _timed(gen: "Generator", rows: list[_Row], stage: str, fn) -> None:
 
 def _decode_rows(gen: "Generator", rows: list[_Row], decode: bool) -> None:
     """The rows' streaming decodes, one pass per group of alike decoders (`StreamingDecoder.batch_key`)."""
-    from .vae import StreamingDecoder
-
     needed = [r for r in rows if decode or (_compresses(r) and gen.compressor.needs_pixels)]
     groups: dict[object, list[_Row]] = defaultdict(list)
     for r in needed:
-        dec = r.session.decoder
-        key = dec.batch_key(r.x0) if isinstance(dec, StreamingDecoder) else None
-        groups[key if key is not None else ("alone", id(r))].append(r)
+        dec = r.session.decoder       # a Wan `StreamingDecoder` or a `TAEHVStream`: both batch (`decode_batched`)
+        key = dec.batch_key(r.x0) if hasattr(dec, "batch_key") else None
+        groups[(type(dec), key) if key is not None else ("alone", id(r))].append(r)
     for group in groups.values():
         def run(group=group):
             if len(group) > 1:
                 try:
-                    pixels = StreamingDecoder.decode_batched([r.session.decoder for r in group],
-                                                             [r.x0 for r in group])
+                    pixels = type(group[0].session.decoder).decode_batched([r.session.decoder for r in group],
+                                                                           [r.x0 for r in group])
                     for r, p in zip(group, pixels):
                         r.pixels = p
                     return

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import WeightsError
+from .exact import batch_invariant_convs
 
 log = logging.getLogger(__name__)
 
@@ -252,24 +253,69 @@ class TAEHVStream:
             out.append(torch.zeros(b, c, h * scale, w * scale, device=self._dec.device, dtype=self._dec.dtype))
         return out
 
+    def _check(self, latents: torch.Tensor) -> None:
+        if self._closed:
+            raise RuntimeError("TAEHVStream is closed")
+        z = self._dec.z_dim
+        if latents.ndim != 5 or latents.shape[1] != z:
+            raise ValueError(f"expected latents of shape (B,{z},T,h,w), got {tuple(latents.shape)}")
+
+    def _pixels(self, pixels: torch.Tensor, first: bool) -> torch.Tensor:
+        """The run's (B, T*4, 3, H, W) in ~[0, 1] -> (B, 3, F, H, W) in [-1, 1], startup frames dropped."""
+        if first:
+            pixels = pixels[:, self._dec.temporal_stride - 1:]               # 4 - 1 startup frames dropped
+        return (pixels.float().clamp(0, 1) * 2 - 1).transpose(1, 2).contiguous()
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents (B, z, T, h, w) -> pixels (B, 3, F, 8h, 8w) in [-1, 1], float32;
         F = 1 + 4(T-1) for a video's first chunk, 4T after."""
-        if self._closed:
-            raise RuntimeError("TAEHVStream is closed")
+        self._check(latents)
         d = self._dec
-        if latents.ndim != 5 or latents.shape[1] != d.z_dim:
-            raise ValueError(f"expected latents of shape (B,{d.z_dim},T,h,w), got {tuple(latents.shape)}")
         b, _, t, h, w = latents.shape
         if self._memory is None:
             self._memory = self._zero_memory(b, h, w)
         x = latents.to(device=d.device, dtype=d.dtype).transpose(1, 2)      # (B, T, z, h, w)
-        pixels, self._memory = d.run(x, self._memory)                        # (B, T*4, 3, H, W) in ~[0, 1]
-        if self._first:
-            pixels = pixels[:, d.temporal_stride - 1:]                       # 4 - 1 startup frames dropped
-            self._first = False
-        return (pixels.float().clamp(0, 1) * 2 - 1).transpose(1, 2).contiguous()
+        with batch_invariant_convs(d.device):                                # as batched: the same frames
+            pixels, self._memory = d.run(x, self._memory)                    # (B, T*4, 3, H, W) in ~[0, 1]
+        first, self._first = self._first, False
+        return self._pixels(pixels, first)
+
+    # ---- batching across sessions (packcache/batch.py), as `vae.StreamingDecoder` does ------------------------
+    def batch_key(self, latents: torch.Tensor) -> tuple | None:
+        """Streams whose keys are equal decode their next chunks in one pass (`decode_batched`): the same model,
+        the same `first`, latents of one shape. None: this one decodes alone (closed, or an empty chunk)."""
+        if self._closed or latents.ndim != 5 or latents.shape[2] == 0:
+            return None
+        return (id(self._dec), self._first, tuple(latents.shape[1:]), latents.dtype)
+
+    @classmethod
+    @torch.no_grad()
+    def decode_batched(cls, streams: list["TAEHVStream"], latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each stream's next chunk in one pass of the model: latents and MemBlock memories stacked along the
+        batch, pixels and memories split back. Equals each `stream.decode(latents)` alone (bit for bit on the
+        CPU inside `batch_invariant_convs`). The streams must share one `batch_key`; their state changes only when
+        the whole pass succeeded."""
+        if len(streams) != len(latents) or not streams:
+            raise ValueError("decode_batched needs one latents tensor per stream")
+        keys = {st.batch_key(x) for st, x in zip(streams, latents)}
+        if None in keys or len(keys) != 1 or len({id(st) for st in streams}) != len(streams):
+            raise ValueError("decode_batched needs distinct streams of one batch_key")
+        for st, x in zip(streams, latents):
+            st._check(x)
+        d, first = streams[0]._dec, streams[0]._first
+        sizes = [x.shape[0] for x in latents]
+        memories = [st._memory if st._memory is not None else st._zero_memory(x.shape[0], *x.shape[3:])
+                    for st, x in zip(streams, latents)]
+        stacked = [torch.cat(col) for col in zip(*memories)]
+        x = torch.cat(latents).to(device=d.device, dtype=d.dtype).transpose(1, 2)
+        with batch_invariant_convs(d.device):
+            pixels, new_memory = d.run(x, stacked)
+        split = [m.split(sizes) for m in new_memory]
+        for i, st in enumerate(streams):
+            st._memory = [parts[i].clone() for parts in split]    # its own tensors, not views of the batch
+            st._first = False
+        return list(streams[0]._pixels(pixels, first).split(sizes))
 
 
 def load_taehv(path: str | Path, z_dim: int, temporal_stride: int, spatial_stride: int,

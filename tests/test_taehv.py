@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from packcache.errors import WeightsError
-from packcache.taehv import MemBlock, TAEHVModel, TGrow, load_taehv, model_from_state_dict
+from packcache.taehv import MemBlock, TAEHVModel, TAEHVStream, TGrow, load_taehv, model_from_state_dict
 
 SMALL = dict(widths=(16, 8, 8, 8))
 
@@ -127,3 +127,56 @@ def test_a_session_streams_taehv_frames_with_the_wan_vae_timing(tmp_path, tiny_g
     finally:
         gen.use_decoder("wan")
     assert gen.runtime_info()["decoder"] == "wan"
+
+
+def test_decode_batched_equals_decoding_alone_and_rejects_unlike_streams(tmp_path):
+    random_checkpoint(tmp_path / "small.pth", widths=SMALL["widths"])
+    dec = load_taehv(tmp_path / "small.pth", 16, 4, 8)
+    torch.manual_seed(2)
+    alone = [dec.stream_decoder() for _ in range(3)]
+    stacked = [dec.stream_decoder() for _ in range(3)]
+    for _ in range(2):   # a first chunk (startup frames dropped) and a continuation (MemBlock memories carried)
+        xs = [torch.randn(1, 16, 3, 4, 5) for _ in range(3)]
+        want = [st.decode(x) for st, x in zip(alone, xs)]
+        got = TAEHVStream.decode_batched(stacked, xs)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and torch.equal(a, b)
+    for a, b in zip(alone, stacked):
+        assert all(torch.equal(m, n) for m, n in zip(a._memory, b._memory))
+        assert all(m._base is None for m in b._memory)          # each stream owns its memory, not a batch view
+    fresh = dec.stream_decoder()
+    x = torch.randn(1, 16, 3, 4, 5)
+    assert fresh.batch_key(x) != stacked[0].batch_key(x)        # a first chunk and a continuation: not alike
+    with pytest.raises(ValueError):
+        TAEHVStream.decode_batched([fresh, stacked[0]], [x, x])
+    assert not fresh.started and fresh._memory is None          # a refused batch leaves the streams as they were
+
+
+def test_sessions_batched_together_decode_taehv_in_one_pass(tmp_path, tiny_generator, monkeypatch):
+    """The batched step's finish groups TAEHV streams like Wan ones: one decoder pass for both sessions, and each
+    session's frames are the ones it gets alone."""
+    gen = tiny_generator
+    random_checkpoint(tmp_path / "taew2_1.pth", widths=SMALL["widths"])
+    gen.use_decoder("taehv", tmp_path / "taew2_1.pth")
+    calls = []
+    real = TAEHVStream.decode_batched.__func__
+    monkeypatch.setattr(TAEHVStream, "decode_batched",
+                        classmethod(lambda cls, s, x: calls.append(len(s)) or real(cls, s, x)))
+    try:
+        prompts = [("a red circle", 1), ("a blue square", 2)]
+        want = []
+        for prompt, seed in prompts:
+            with gen.open(prompt, seed=seed) as s:
+                want.append([s.next_chunk() for _ in range(3)])
+        sessions = [gen.open(prompt, seed=seed) for prompt, seed in prompts]
+        try:
+            got = [gen.next_chunks(sessions) for _ in range(3)]
+        finally:
+            for s in sessions:
+                s.close()
+        for step, results in enumerate(got):
+            for i, frames in enumerate(results):
+                assert np.array_equal(frames, want[i][step]), f"session {i} chunk {step}"
+        assert calls and all(n == 2 for n in calls), calls
+    finally:
+        gen.use_decoder("wan")
