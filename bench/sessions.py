@@ -2,6 +2,7 @@
 
     python -m bench.sessions --sessions 1,2,4,8                                  # CPU, toy preset
     python -m bench.sessions --device cuda --preset wan2.1-t2v-1.3b --sessions 1,2,4,8   # real size, random weights
+    python -m bench.sessions ... --decoder taehv          # the TAEHV decoder, batched too (rows in *_taehv.json)
 
 For each session count N, two sets of N open sessions (warmed past the sink, so every chunk has the steady-state
 shape) advance in rounds: `batched` calls `Generator.next_chunks(all N)` once per round; `serial` calls each
@@ -26,6 +27,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -191,9 +193,14 @@ def main(argv=None) -> int:
                     help="chunks before measuring (default: sink + recent + 1, the steady-state shape)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: cores - 1, at least 1, as the server's device worker)")
+    ap.add_argument("--decoder", default="wan", choices=("wan", "taehv"),
+                    help="frame decoder (taehv: batched too; random weights in the taew2_1 layout unless given)")
+    ap.add_argument("--taehv-weights", default=None, metavar="FILE", help="a real TAEHV checkpoint for --decoder taehv")
     ap.add_argument("--json", default=None, help="rows as JSON (default: bench/results/sessions_<device>.json)")
     ap.add_argument("--plot", default=None, help="PNG (default: bench/results/sessions_<device>.png); '' for none")
     args = ap.parse_args(argv)
+    if args.taehv_weights and args.decoder != "taehv":
+        ap.error("--taehv-weights needs --decoder taehv")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device} but no CUDA device is available")
     if args.device == "cpu":
@@ -204,26 +211,36 @@ def main(argv=None) -> int:
         from bench.realsize import random_weights_preset
         preset = random_weights_preset(preset)
     gen = Generator.from_preset(preset, device=args.device, dtype=dtype)
+    if args.decoder == "taehv":
+        from bench.realsize import write_random_taehv
+        weights = args.taehv_weights
+        if weights is None:
+            weights = os.path.join(tempfile.mkdtemp(prefix="bench-sessions-"), "taew2_1-random.pth")
+            write_random_taehv(Path(weights), gen.preset.vae.z_dim)
+        gen.use_decoder("taehv", weights)
     gen.warmup()
     cfg = gen.preset.cache
     warm = args.warm if args.warm is not None else cfg.sink_chunks + cfg.recent_chunks + 1
     slug = device_slug(args.device)
+    out_slug = slug + ("_taehv" if args.decoder == "taehv" else "")
     where = torch.cuda.get_device_name(gen.device) if gen.device.type == "cuda" else \
         f"cpu, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} cores"
     load0 = os.getloadavg()[0]
     rows = []
     for n in args.sessions:
         print(f"{n} session(s)...", file=sys.stderr, flush=True)
-        rows += measure(gen, n, args.rounds, args.block, args.cache, warm, slug, args.preset)
+        rows += [{**r, "decoder": args.decoder}
+                 for r in measure(gen, n, args.rounds, args.block, args.cache, warm, slug, args.preset)]
     header = (f"bench.sessions: preset {args.preset} ({gen.preset.width}x{gen.preset.height}, {gen.dtype}), {where}, "
+              f"{args.decoder} decoder, "
               f"{args.cache} cache, {args.rounds} rounds per row after {warm} warm-up chunks, modes interleaved "
               f"every {args.block} rounds; load average {load0:.1f} before / {os.getloadavg()[0]:.1f} after")
     print(format_table(rows, header))
-    json_path = Path(args.json or ROOT / "bench" / "results" / f"sessions_{slug}.json")
+    json_path = Path(args.json or ROOT / "bench" / "results" / f"sessions_{out_slug}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"rows: {json_path}")
-    plot_path = args.plot if args.plot is not None else str(ROOT / "bench" / "results" / f"sessions_{slug}.png")
+    plot_path = args.plot if args.plot is not None else str(ROOT / "bench" / "results" / f"sessions_{out_slug}.png")
     if plot_path:
         plot(rows, Path(plot_path), f"bench.sessions: {args.preset}, {where}, {args.cache} cache, "
              f"load average {load0:.1f}")

@@ -24,7 +24,21 @@ def test_sessions_bench_writes_rows_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 0 and "batched/serial" in capsys.readouterr().out
 
 
+def test_sessions_bench_with_the_taehv_decoder(tmp_path):
+    """--decoder taehv (random weights in the published layout): its rows say so, and the batched row is one pass."""
+    out = tmp_path / "rows.json"
+    assert main(["--preset", "tiny", "--sessions", "2", "--rounds", "1", "--warm", "0", "--threads", "1",
+                 "--decoder", "taehv", "--json", str(out), "--plot", ""]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["sessions"], r["mode"], r["decoder"]) for r in rows] == [(2, "batched", "taehv"),
+                                                                      (2, "serial", "taehv")]
+    assert all(r["device"] == "cpu" and r["aggregate_fps"] > 0 for r in rows)
+
+
 def test_sessions_bench_refuses_bad_arguments():
     with pytest.raises(SystemExit) as e:
         main(["--sessions", "0,2"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", "--taehv-weights", "x.pth"])
     assert e.value.code == 2
