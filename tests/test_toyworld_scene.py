@@ -120,3 +120,17 @@ def test_retrain_probe_data_stats_read_the_training_world():
     assert lo <= d["radius_px"] <= hi and 2 * lo / 16 <= d["diameter_tokens"] <= 2 * hi / 16
     assert d["diameter_tokens"] > 1.4
     assert sum(d["patterns"].values()) == 8
+
+
+def test_retrain_probe_denoise_reads_each_sampler_level_against_the_true_latents():
+    """The denoise probe: one row for the true latents (the VAE's ceiling: it reads the grid scenes right) and one
+    per sampler level, the last being the stream's own first chunk from pure noise."""
+    from toyworld.evaluate import load_generator
+    from toyworld.retrain_probe import denoise_by_level
+    from toyworld.scene_eval import grid_scenes
+    gen = load_generator(None)
+    rows = denoise_by_level(gen, seeds=(0,), scenes=grid_scenes()[:3])
+    assert [r["start"] for r in rows][0] == "true latents" and rows[-1]["start"].endswith("(the stream)")
+    assert len(rows) == 1 + gen.sampler.steps and all(r["samples"] == 3 for r in rows)
+    assert rows[0]["shape"] == 1.0 and rows[0]["color"] == 1.0 and rows[0]["one_subject"] == 1.0
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("one_subject", "shape", "bg_color", "pattern", "color"))

@@ -2,12 +2,17 @@
 what the training data holds, what the shipped VAE alone keeps, and what the candidate sizes cost per chunk.
 
     python -m toyworld.retrain_probe --only data,vae,speed
+    python -m toyworld.retrain_probe --only denoise [--weights BUNDLE]
 
 - data:  the training world's clips: share of one-subject clips and frames, sizes, patterns.
 - vae:   the scene readers after the shipped VAE's encode + decode, by shape size (is shape lost before the DiT?).
 - speed: one chunk (4 denoising steps with guidance + the commit pass) of the toy DiT at the shipped 8x8 latents
          with patch 1x2x2 against 16x16 latents (a 4x-spatial VAE) and patch 1x1x1, random weights, packed cache,
          side by side in one run; and the decoder per chunk for the shipped 8x VAE and a 4x one.
+- denoise: where the DiT loses the scene: the first chunk of each evaluation grid scene, rendered and encoded, then
+         entered into the sampler at each of its levels (noised with one draw) and run through the remaining guided
+         steps, as the stream runs them; level 0 is pure noise, i.e. the stream's own first chunk. Also the true
+         latents decoded (the VAE's ceiling). Read with the scene readers (RETRAIN_PLAN.md, "Session 11").
 """
 
 from __future__ import annotations
@@ -135,10 +140,72 @@ def decode_speed(threads: int = 1, reps: int = 6) -> list[dict]:
     return rows
 
 
+def denoise_by_level(gen, seeds: tuple[int, ...] = (0, 1, 2), scenes: list | None = None) -> list[dict]:
+    """Per sampler level (plus the true latents): share of one-subject frames, and of chunks whose shape,
+    background colour, pattern and subject colour read right, over `scenes` (default: the evaluation grid) x seeds.
+    One noise draw per scene and seed, shared by every level, so the rows differ only in where the DiT starts."""
+    import torch
+
+    from packcache.vae import frames_to_uint8
+
+    from .common import to_tensor
+    from .scene_eval import grid_scenes
+    from .world import caption, render
+
+    scenes = grid_scenes() if scenes is None else scenes
+    model, vae, sampler = gen.model, gen.vae, gen.sampler
+    null = gen.encode_prompt("")
+    n_frames = gen.preset.chunk_video_frames(0)[1]
+    levels = ["true latents"] + list(range(sampler.steps - 1, -1, -1))
+    hits: dict = {lv: [] for lv in levels}
+    for seed in seeds:
+        noise = torch.Generator().manual_seed(seed)
+        for scene in scenes:
+            want = M.prompt_scene(caption(scene))
+            text = gen.encode_prompt(caption(scene))
+            z = vae.encode(to_tensor(render(scene, start=0, num_frames=n_frames, size=gen.preset.height))[None])
+            eps = torch.randn(z.shape, generator=noise)
+            for lv in levels:
+                x0 = z if lv == "true latents" else _sample_from(model, sampler, z, eps, lv, text, null)
+                frames = frames_to_uint8(vae.decode(x0))[0]
+                r = M.scene_report(frames)
+                hits[lv].append((r["one_subject"], r["shape"] == want["shape"], r["bg_color"] == want["bg_color"],
+                                 r["pattern"] == want["pattern"], M.dominant_color(frames) == want["color"]))
+    rows = []
+    for lv in levels:
+        a = np.array(hits[lv], dtype=float).mean(0)
+        start = lv if lv == "true latents" else (f"sigma {sampler.sigmas[lv]:.2f}, {sampler.steps - lv} step(s)"
+                                                  + (" (the stream)" if lv == 0 else ""))
+        rows.append({"start": start, "samples": len(hits[lv]), **dict(zip(
+            ("one_subject", "shape", "bg_color", "pattern", "color"), map(float, a)))})
+    return rows
+
+
+def _sample_from(model, sampler, z, eps, level: int, text, null):
+    """The sampler's last x0 estimate for latents `z` entering it at `level` (noised with `eps`), guided."""
+    import torch
+
+    sigma = sampler.sigmas[level]
+    x = (1 - sigma) * z + sigma * eps
+    x0 = x
+    with torch.no_grad():
+        for k in range(level, sampler.steps):
+            s = sampler.sigmas[k]
+            t = torch.full((x.shape[0], x.shape[2]), s * 1000.0)
+            v = model.forward_sequence(x, t, text)
+            if sampler.guided:
+                v = sampler.guide(v, model.forward_sequence(x, t, null))
+            x0 = sampler.x0_from_velocity(x, v, s)
+            if k + 1 < sampler.steps:
+                x = sampler.next_x(x, v, x0, k, lambda: torch.randn(x.shape))
+    return x0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Cheap checks before retraining the toy model (RETRAIN_PLAN.md)")
     ap.add_argument("--only", default="data,vae,speed")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--weights", default=None, help="a bundle .safetensors for denoise (default: the shipped weights)")
     args = ap.parse_args(argv)
     import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,6 +224,13 @@ def main(argv=None):
             print("decode:", r, flush=True)
         for r in chunk_speed(args.threads):
             print("dit:", r, flush=True)
+    if "denoise" in only:
+        from .evaluate import load_generator, md_table
+        rows = denoise_by_level(load_generator(args.weights))
+        print(md_table(rows, [("start", "DiT starts at", ""), ("samples", "chunks", "d"),
+                              ("one_subject", "one subject", ".0%"), ("shape", "shape", ".0%"),
+                              ("bg_color", "bg colour", ".0%"), ("pattern", "pattern", ".0%"),
+                              ("color", "colour", ".0%")]), flush=True)
 
 
 if __name__ == "__main__":
