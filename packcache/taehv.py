@@ -281,6 +281,26 @@ class TAEHVStream:
         first, self._first = self._first, False
         return self._pixels(pixels, first)
 
+    # ---- snapshots (packcache/snapshot.py): a restarted or moved session keeps its TAEHV stream ---------------
+    def state_dict(self) -> dict:
+        """The MemBlock memories (each block's input at the chunk's last time step; None before the first chunk)
+        and `first`, marked as a TAEHV stream's."""
+        if self._closed:
+            raise RuntimeError("TAEHVStream is closed")
+        return {"kind": "taehv", "first": self._first, "memory": None if self._memory is None else list(self._memory)}
+
+    def load_state_dict(self, state: dict) -> None:
+        from .errors import SnapshotError
+        if state.get("kind") != "taehv":
+            raise SnapshotError("the snapshot's decoder state is not a TAEHV stream's: it was taken with another "
+                                "decoder (restore it on a server with the same --decoder)")
+        memory, d = state["memory"], self._dec
+        blocks = len(d.model.memblock_indices())
+        if memory is not None and len(memory) != blocks:
+            raise SnapshotError(f"snapshot decoder state has {len(memory)} TAEHV memories; this decoder has {blocks}")
+        self._memory = None if memory is None else [m.to(device=d.device, dtype=d.dtype) for m in memory]
+        self._first = bool(state["first"])
+
     # ---- batching across sessions (packcache/batch.py), as `vae.StreamingDecoder` does ------------------------
     def batch_key(self, latents: torch.Tensor) -> tuple | None:
         """Streams whose keys are equal decode their next chunks in one pass (`decode_batched`): the same model,

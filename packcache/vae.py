@@ -262,6 +262,9 @@ class StreamingDecoder:
 
     def load_state_dict(self, state: dict) -> None:
         from .errors import SnapshotError
+        if "cache" not in state:
+            raise SnapshotError("the snapshot's decoder state is not a Wan VAE stream's: it was taken with another "
+                                "decoder (restore it on a server with the same --decoder)")
         cache = state["cache"]
         if len(cache) != self._vae._dec_convs:
             raise SnapshotError(f"snapshot decoder state has {len(cache)} conv caches; this VAE has "

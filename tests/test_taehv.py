@@ -180,3 +180,28 @@ def test_sessions_batched_together_decode_taehv_in_one_pass(tmp_path, tiny_gener
         assert calls and all(n == 2 for n in calls), calls
     finally:
         gen.use_decoder("wan")
+
+
+def test_a_session_with_taehv_snapshots_and_continues_bit_for_bit(tmp_path, tiny_generator):
+    """Restarts and cluster moves keep a TAEHV stream: a session written to a snapshot file after 2 chunks and
+    restored continues with the frames the original makes; a Wan-decoder generator refuses that snapshot clearly."""
+    from packcache.errors import SnapshotError
+
+    gen = tiny_generator
+    random_checkpoint(tmp_path / "taew2_1.pth", widths=SMALL["widths"])
+    path = tmp_path / "s.snapshot.safetensors"
+    gen.use_decoder("taehv", tmp_path / "taew2_1.pth")
+    try:
+        with gen.open("a red circle", seed=3) as s:
+            s.next_chunk()
+            s.next_chunk()
+            s.snapshot(path)
+            want = [s.next_chunk() for _ in range(2)]
+        with gen.restore(path) as r:
+            got = [r.next_chunk() for _ in range(2)]
+        for a, b in zip(got, want):
+            assert np.array_equal(a, b)
+    finally:
+        gen.use_decoder("wan")
+    with pytest.raises(SnapshotError, match="another decoder"):
+        gen.restore(path)
