@@ -401,12 +401,12 @@ def _timed(gen: "Generator", rows: list[_Row], stage: str, fn) -> None:
 
 
 def _decode_rows(gen: "Generator", rows: list[_Row], decode: bool) -> None:
-    """The rows' streaming decodes, one pass per group of alike decoders (`StreamingDecoder.batch_key`)."""
+    """The rows' streaming decodes, one pass per group of alike decoders (their `batch_key`)."""
     needed = [r for r in rows if decode or (_compresses(r) and gen.compressor.needs_pixels)]
     groups: dict[object, list[_Row]] = defaultdict(list)
     for r in needed:
         dec = r.session.decoder       # a Wan `StreamingDecoder` or a `TAEHVStream`: both batch (`decode_batched`)
-        key = dec.batch_key(r.x0) if hasattr(dec, "batch_key") else None
+        key = dec.batch_key(r.x0)
         groups[(type(dec), key) if key is not None else ("alone", id(r))].append(r)
     for group in groups.values():
         def run(group=group):

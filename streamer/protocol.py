@@ -135,6 +135,11 @@ class Limits:
         if self.flood_bytes_burst < self.max_message_bytes:
             raise ValueError("flood_bytes_burst must hold at least one max_message_bytes message")
 
+    def flood_refusal(self) -> str:
+        """The fatal `rate_limited` message a flooder gets (one server, or the cluster's front door)."""
+        return (f"over {self.flood_rate:g} messages or {self.flood_bytes_rate} bytes per second; connection closed, "
+                f"new ones refused for {self.flood_cooldown:g} s")
+
     def reasons(self) -> dict[str, str]:
         return {f.name: f.metadata["reason"] for f in fields(self)}
 

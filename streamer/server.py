@@ -669,10 +669,12 @@ class ClientConnection:
             return
         cfg = self.server.config
         lim, address = cfg.limits, _address(self.ws)
-        if not cfg.behind_front_door:                  # (behind one, the address is the front door's)
+        refused = not cfg.behind_front_door            # (behind one, the address is the front door's)
+        if refused:
             self.server.penalty.add(address, now + lim.flood_cooldown)
-        log.warning("session %s: %s flooded (over %g messages/s or %d bytes/s); closed, address refused for %g s",
-                    self.sid, address, lim.flood_rate, lim.flood_bytes_rate, lim.flood_cooldown)
+        log.warning("session %s: %s flooded (over %g messages/s or %d bytes/s); closed%s", self.sid, address,
+                    lim.flood_rate, lim.flood_bytes_rate,
+                    f", address refused for {lim.flood_cooldown:g} s" if refused else " (the front door refuses it)")
         self.server.metrics.rejected.inc(reason="flood")
         if self.ws.transport.get_write_buffer_size() > 0:
             # it does not read (the socket is full): no error or close frame would arrive, and writing one could
@@ -683,9 +685,7 @@ class ClientConnection:
         self.ws.close_timeout = 0.2                   # no long closing handshake for a flooder...
         # ...and none at all if writing the close frame itself waits on a full socket
         asyncio.get_running_loop().call_later(0.5, self.ws.transport.abort)
-        await self.fail("rate_limited", f"over {lim.flood_rate:g} messages or {lim.flood_bytes_rate} bytes per "
-                        f"second; connection closed, new ones refused for {lim.flood_cooldown:g} s",
-                        P.CLOSE_POLICY)
+        await self.fail("rate_limited", lim.flood_refusal(), P.CLOSE_POLICY)
 
     async def _dispatch(self, msg: P.ClientMessage) -> None:
         s = self.session

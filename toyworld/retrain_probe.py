@@ -161,8 +161,8 @@ def denoise_by_level(gen, seeds: tuple[int, ...] = (0, 1, 2), scenes: list | Non
     for seed in seeds:
         noise = torch.Generator().manual_seed(seed)
         for scene in scenes:
-            want = M.prompt_scene(caption(scene))
-            text = gen.encode_prompt(caption(scene))
+            prompt = caption(scene)
+            want, text = M.prompt_scene(prompt), gen.encode_prompt(prompt)
             z = vae.encode(to_tensor(render(scene, start=0, num_frames=n_frames, size=gen.preset.height))[None])
             eps = torch.randn(z.shape, generator=noise)
             for lv in levels:

@@ -541,10 +541,7 @@ class Relay:
         if not self.flood.charge(nbytes, time.monotonic()) and not self._flooding:
             self._flooding = True
             self._penalise()
-            lim = self.door.config.limits
-            self.door._spawn(self.leave("rate_limited", f"over {lim.flood_rate:g} messages or "
-                                        f"{lim.flood_bytes_rate} bytes per second; connection closed, new ones "
-                                        f"refused for {lim.flood_cooldown:g} s", P.CLOSE_POLICY))
+            self.door._spawn(self.leave("rate_limited", self.door.config.limits.flood_refusal(), P.CLOSE_POLICY))
 
 
 def _json(status: int, body: dict) -> Response:
