@@ -406,6 +406,7 @@ class Relay:
         self.up = None
         self.sid: str | None = None
         self.leaving = False                   # the front door ended this relay on purpose (drain, flood)
+        self.client_close = (P.CLOSE_NORMAL, "")   # how `run` closes the client at the end (`leave` sets its own)
         # Messages are charged by the worker (it parses them); ping/pong frames end here, so they are charged here.
         self.flood = P.FloodBudget(door.config.limits, time.monotonic())
         self._flooding = False
@@ -441,7 +442,7 @@ class Relay:
         try:
             done, _ = await asyncio.wait([down, upward], return_when=asyncio.FIRST_COMPLETED)
             ended = done.pop().result()
-            if ended == "client":
+            if ended == "client" and not self.leaving:   # (leaving: `leave` closes the worker's side itself)
                 rcvd = self.client.protocol.close_rcvd
                 goodbye = rcvd is not None and rcvd.code == P.CLOSE_NORMAL
                 await self.up.close(P.CLOSE_NORMAL if goodbye else P.CLOSE_GOING_AWAY, "client left")
@@ -454,7 +455,7 @@ class Relay:
             if self.sid is None:
                 self._release()               # refused or failed before its welcome
             await self.up.close()
-            await self.client.close()
+            await self.client.close(*self.client_close)
 
     async def _down(self) -> str:
         """worker -> client. The first message (welcome or a refusal) is read; the rest pass unparsed."""
@@ -525,9 +526,10 @@ class Relay:
     async def leave(self, code: str, message: str, close_code: int = CLOSE_SERVICE_RESTART) -> None:
         """End this relay on purpose: tell the client, close both websockets (the worker frees the session)."""
         self.leaving = True
+        self.client_close = (close_code, code)   # `run` may close the client first, once the worker has gone
         await self.say(code, message)
+        await self.client.close(close_code, code)  # the client first: the worker's closing handshake may be slow
         await self.up.close(P.CLOSE_NORMAL, code)
-        await self.client.close(close_code, code)
 
     def _penalise(self) -> None:
         """The client's address is refused for flood_cooldown (HTTP 429 before the upgrade, as on one server)."""
