@@ -74,3 +74,13 @@ def test_memory_trial_reports_which_mid_blocks_were_selected(monkeypatch):
             return torch.topk(masked, k).indices
         monkeypatch.setattr(C, "newest", oldest_k)
         assert MEM.run_trial(gen, trial, cache="packed", **script)["subject_selected"] == 1.0
+
+
+def test_ablate_takes_a_bundle_and_refuses_a_missing_one_in_one_line(tmp_path, capsys):
+    """`--weights` ablates a training run's bundle (the pilot of a stage, before it ships); a path that is not a file
+    is one usage error, not a traceback."""
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        ablate.main(["--weights", str(tmp_path / "nope.safetensors"), "--quick", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--weights" in capsys.readouterr().err
+    assert not (tmp_path / "ablations.json").exists()

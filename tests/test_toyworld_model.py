@@ -377,3 +377,72 @@ def test_first_stage_trains_first_chunks_alone_and_recode_clips(tmp_path):
     assert final_dit_file(tmp_path) == tmp_path / TUNED_FILE
     before, after = torch.load(tmp_path / DIT_FILE), torch.load(tmp_path / TUNED_FILE)
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point)
+
+
+def test_memory_stage_views_put_the_subject_in_the_mid_blocks_only():
+    """The memory stage's loss chunk is where the subject returns (or the one after), never in the recent window
+    while it was away; its mid chunks lie between the sink and the recent window, and mostly one holds the subject."""
+    from toyworld.train_memory import MemoryRecipe, memory_step_view
+    from toyworld.world import visible_chunks
+    rng = np.random.default_rng(0)
+    tune = MemoryRecipe()
+    with_subject = 0
+    for _ in range(400):
+        seen, gap = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        vis = visible_chunks(tune.chunks, 2, seen, gap)
+        current, mids = memory_step_view(rng, 2, 1, seen, gap, tune.chunks, tune)
+        assert vis[current] and current in (2 + seen + gap, 3 + seen + gap)
+        assert len(mids) in (1, 2) and all(2 <= m < current - 1 for m in mids) and mids == sorted(set(mids))
+        if current == 2 + seen + gap:
+            assert not vis[current - 1]        # the recent chunk is empty: the colour is only in the mid blocks
+        with_subject += any(vis[m] for m in mids)
+    assert with_subject / 400 >= tune.subject_mid_prob - 0.05
+
+
+def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
+    """`--stages memory`: leave-and-return clips encoded chunk by chunk with their LR tokens, then the current DiT
+    fine-tuned through the packed view (and recode clips) into the tuned file `pack` takes; without the hr and
+    recode stages' outputs it stops with one clear message."""
+    from dataclasses import replace
+
+    from packcache.compress import MidCompressor
+    from packcache.model import CausalWanModel
+    from toyworld.train import (
+        DEFAULT_OUT,
+        DIT_FILE,
+        TUNED_FILE,
+        DiTRecipe,
+        build_model,
+        final_dit_file,
+        scene_to_dict,
+        toy_preset,
+        vae_from_bundle,
+    )
+    from toyworld.train_memory import MemoryRecipe, train_memory
+    from toyworld.world import World
+    p = toy_preset()
+    vae_from_bundle(DEFAULT_OUT, tmp_path)
+    torch.save(build_model(p, 0).state_dict(), tmp_path / DIT_FILE)
+    tune = MemoryRecipe(clips=8, chunks=7, steps=6, batch=2, recode_share=0.3)
+    with pytest.raises(SystemExit, match="recode and hr"):
+        train_memory(p, tmp_path, 0, DiTRecipe(batch=2), tune)
+    world = World(0)
+    g = torch.Generator().manual_seed(0)
+    torch.save({"latents": torch.randn(4, 16, 21, 8, 8, generator=g).half(), "foreground": torch.zeros(4, 21, 8, 8),
+                "scenes": [scene_to_dict(world.sample(1, 64)[2]) for _ in range(4)]}, tmp_path / "data_chunkwise.pt")
+    model = CausalWanModel(p.transformer)
+    hr = MidCompressor(replace(p.compressor, mode="hr"), model.dim, model.patch_embedding).hr
+    torch.save({f"hr.{k}": v for k, v in hr.state_dict().items()}, tmp_path / "hr.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        info = train_memory(p, tmp_path, 0, DiTRecipe(batch=2), tune)
+    finally:
+        torch.set_num_threads(threads)
+    data = torch.load(tmp_path / "data_memory.pt")
+    assert data["latents"].shape == (8, 16, 7 * p.cache.chunk_frames, 8, 8)
+    assert data["lr_tokens"].shape[:2] == (8, 7) and len(data["shape"]) == len(data["scenes"]) == 8
+    assert info["steps"] == 6 and np.isfinite(info["final_loss"]), info
+    assert final_dit_file(tmp_path) == tmp_path / TUNED_FILE
+    before, after = torch.load(tmp_path / DIT_FILE), torch.load(tmp_path / TUNED_FILE)
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point)

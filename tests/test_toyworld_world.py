@@ -145,3 +145,24 @@ def test_caption_sampler_follows_the_clip_kinds():
     assert all("green" in t or "lime" in t for t in texts[0]) and all(t for t in texts[0] + texts[3])
     assert all(t and "green" not in t and "lime" not in t for t in texts[1])
     assert 5 < sum(t == "" for t in texts[2]) < 35
+
+
+def test_captions_can_leave_out_the_background_colour_as_the_memory_test_does():
+    """`background_color=False` gives the memory test's prompt wording; the caption sampler drops it for return clips
+    only, and only with `return_bg_color_drop` (other stages' captions unchanged)."""
+    from toyworld.memory import MemoryTrial
+    from toyworld.train import CaptionSampler, scene_to_dict, toy_preset
+    trial = MemoryTrial("red", "square", "drift", "checker", "gray", 0)
+    assert caption(trial.scene(), colors=False, background_color=False) == trial.prompt
+    for seed in range(10):
+        para = caption(trial.scene(), np.random.default_rng(seed), colors=False, background_color=False)
+        assert not {"red", "bright", "gray", "grey"} & set(para.replace(",", " ").split()), para
+    scene = single_shape_scene("green", shape="circle", bg_color="blue")
+    stored = [scene_to_dict(scene, "normal"), scene_to_dict(scene, "return")]
+    p = toy_preset()
+    plain = CaptionSampler(p, stored, seed=0, return_bg_color_drop=0.5)
+    texts = [[plain.text_for(i) for _ in range(60)] for i in range(2)]
+    assert all("blue" in t or "navy" in t for t in texts[0])
+    assert 10 < sum("blue" not in t and "navy" not in t for t in texts[1]) < 50
+    default = CaptionSampler(p, stored, seed=0)
+    assert all("blue" in t or "navy" in t for t in (default.text_for(1) for _ in range(30)))

@@ -211,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="toy", help="toy (shipped weights) or tiny (random, for tests)")
     ap.add_argument("--quick", action="store_true", help="2 trials, 10 s, 2 prompts: a smoke test")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="DIR", help="merge the reports of earlier runs")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="a toy bundle .safetensors to ablate (default: the shipped toy weights)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -226,8 +228,10 @@ def main(argv=None) -> int:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(KEYS)}")
     import torch
     torch.set_num_threads(args.threads)
+    if args.weights is not None and (args.preset != "toy" or not args.weights.is_file()):
+        ap.error("--weights takes a toy bundle file that exists (with --preset toy)")
     if args.preset == "toy":
-        gen = load_generator()
+        gen = load_generator(args.weights)
     else:
         from packcache import Generator
         gen = Generator.from_preset(args.preset, device="cpu")
@@ -250,6 +254,7 @@ def main(argv=None) -> int:
     frames_per_chunk = gen.preset.cache.chunk_frames * gen.preset.vae.temporal_stride
     c = gen.preset.cache
     meta = {"command": command, "preset": gen.preset.name, "threads": args.threads, "wall_s": wall,
+            "weights": str(args.weights) if args.weights else "shipped",
             "seconds": seconds,
             "memory": {"trials": len(trials), "sink": c.sink_chunks, "seen": 3, "gap": memory_gap(gen.preset),
                        "probe": probe, "prompts": [t.prompt for t in trials], "colours": [t.color for t in trials]},

@@ -23,6 +23,9 @@ Stages (each saves its state under --work, so a stage can be re-run alone with -
 4. `hr`    the HR compressor branch, end-to-end through the frozen DiT: chunk i is denoised against
            [sink chunks ; compressed mid blocks ; recent chunk] and the loss back-propagates into the HR convs
            (`toyworld/train_hr.py`).
+5. `memory` (optional, not in the default stages: measured, no recall gain yet) the DiT on that same packed view
+           with leave-and-return clips, loss where the subject returns, so that it would read the compressed mid
+           blocks (`toyworld/train_memory.py`, `MemoryRecipe`; issue 13).
 
 Everything is written into one safetensors file with key prefixes `transformer.`, `vae.`, `compressor.`, plus a
 JSON sidecar (same stem) with the losses and wall times. Loss curves are saved as PNG in toyworld/curves/.
@@ -337,7 +340,7 @@ class CaptionSampler:
     `null_prob`, the empty prompt instead (classifier-free guidance's unconditional branch)."""
 
     def __init__(self, preset, scenes: list[dict], seed: int, null_prob: float = 0.0, mix: ClipMix = ClipMix(),
-                 encoder=None):
+                 encoder=None, return_bg_color_drop: float = 0.0):
         from packcache.text import build_text_encoder
         self.encoder = encoder or build_text_encoder(preset.text)     # samplers of one loop share one encoder
         self.scenes = [scene_from_dict(d) for d in scenes]
@@ -345,14 +348,19 @@ class CaptionSampler:
         self.rng = np.random.default_rng(seed)
         self.null_prob = null_prob
         self.mix = mix
+        self.return_bg_color_drop = return_bg_color_drop
 
     def text_for(self, i: int) -> str:
         """Empty with `null_prob` (and for `mix.still_empty_prompt` of the still-start clips: a picture with no
-        prompt); a `return` clip's caption leaves out the colour (it is in the clip's earlier chunks)."""
+        prompt); a `return` clip's caption leaves out the colour (it is in the clip's earlier chunks), and with
+        `return_bg_color_drop` the background's colour as well (the memory test's prompt names no colour at all)."""
         kind = self.kinds[int(i)]
         if self.rng.random() < self.null_prob or (kind == "still" and self.rng.random() < self.mix.still_empty_prompt):
             return ""
-        return caption(self.scenes[int(i)], self.rng if self.rng.random() < 0.8 else None, colors=kind != "return")
+        # (the extra draw only when dropping is on: the other stages keep the random stream they always had)
+        plain = kind == "return" and self.return_bg_color_drop > 0 and self.rng.random() < self.return_bg_color_drop
+        return caption(self.scenes[int(i)], self.rng if self.rng.random() < 0.8 else None, colors=kind != "return",
+                       background_color=not plain)
 
     def __call__(self, idx) -> tuple[torch.Tensor, list[str]]:
         texts = [self.text_for(i) for i in idx]
@@ -668,10 +676,11 @@ def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
 
 # ===================================================================================================== main
 
-STAGES = ("vae", "data", "dit", "recode", "first", "drift", "hr", "pack")
-# `drift` measured, not shipped (toyworld/README.md). `vae` is not in the default either: the shipped VAE keeps every
-# shape of the world's sizes and every background pattern (toyworld/eval/RETRAIN_PLAN.md), so the recipe takes it
-# from the shipped bundle (`--vae-from`) and spends its 90 CPU minutes on the DiT; `--stages vae,...` retrains it.
+STAGES = ("vae", "data", "dit", "recode", "first", "drift", "hr", "memory", "pack")
+# `drift` and `memory` measured, not shipped (toyworld/README.md). `vae` is not in the default either: the shipped
+# VAE keeps every shape of the world's sizes and every background pattern (toyworld/eval/RETRAIN_PLAN.md), so the
+# recipe takes it from the shipped bundle (`--vae-from`) and spends its 90 CPU minutes on the DiT; `--stages vae,...`
+# retrains it.
 DEFAULT_STAGES = ("data", "dit", "recode", "first", "hr", "pack")
 
 
@@ -716,6 +725,8 @@ def main(argv=None):
     ap.add_argument("--drift-lr", type=float, default=DriftRecipe.lr)
     ap.add_argument("--hr-steps", type=int, default=300,
                     help="HR compressor steps (its packed-view loss is flat from the start: 0.46 -> 0.48 over 500)")
+    ap.add_argument("--memory-steps", type=int, default=None,
+                    help="steps of the memory stage (default: MemoryRecipe.steps, toyworld/train_memory.py)")
     ap.add_argument("--sigma-levels", choices=("uniform", "shifted", "sampler"), default=DiTRecipe.sigma_levels,
                     help="noise levels the DiT and HR stages train at (see DiTRecipe)")
     ap.add_argument("--own-sigma", type=float, nargs=2, default=DiTRecipe.own_sigma, metavar=("LO", "HI"),
@@ -769,6 +780,12 @@ def main(argv=None):
         from .train_hr import train_hr
         info = train_hr(preset, work, args.seed, steps=args.hr_steps, recipe=recipe, device=device)
         summary["hr"] = {k: v for k, v in info.items() if k != "history"}
+    if "memory" in stages:
+        from .train_memory import MemoryRecipe, train_memory
+        tune = MemoryRecipe() if args.memory_steps is None else MemoryRecipe(steps=args.memory_steps)
+        summary["memory"] = train_memory(preset, work, args.seed, recipe, tune, device=device)
+        logger.info("memory done in %.0fs: packed-view loss %.4f", summary["memory"]["wall_s"],
+                    summary["memory"]["final_loss"])
     summary_path.write_text(json.dumps(summary, indent=2))
     if "pack" in stages:
         summary["command"] = "python -m toyworld.train " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -49,8 +49,10 @@ def lr_tokens_for(preset, model, vae_wrapper, compressor, latents: torch.Tensor,
 
 
 def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.Tensor, text, gen: torch.Generator,
-                     current: int, mids: list[int], recipe=None) -> torch.Tensor:
-    """Flow-matching loss of chunk `current` denoised against [sink ; compressed `mids` ; recent] (see module doc)."""
+                     current: int, mids: list[int], recipe=None, fg: torch.Tensor | None = None) -> torch.Tensor:
+    """Flow-matching loss of chunk `current` denoised against [sink ; compressed `mids` ; recent] (see module doc).
+    `fg` (B, T, h, w): the current chunk's foreground share per latent position, weighed up by the recipe's
+    `fg_weight` as the DiT stage does (the memory stage: the subject is what the mid blocks are for)."""
     from packcache.compress import block_grid
     from packcache.layout import build_layout
 
@@ -79,7 +81,11 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
             inputs.append(xn if seg.kind == "current" else sl(seg.chunk))
         timesteps.append(sigma * 1000.0 if seg.kind == "current" else torch.zeros(b, device=dev))
     v = model.forward_view(view, inputs, timesteps, model.embed_text(text))
-    return F.mse_loss(v.float(), eps - sl(current))
+    if fg is None:
+        return F.mse_loss(v.float(), eps - sl(current))
+    w = 1.0 + (recipe or DiTRecipe()).fg_weight * (4.0 * fg.float().to(dev)).clamp(max=1.0)     # (B, T, h, w)
+    err = (v.float() - (eps - sl(current))).pow(2).mean(dim=1)
+    return (err * w).sum() / w.sum()
 
 
 def train_hr(preset, work: Path, seed: int, steps: int = 300, batch: int = 8, clips: int = 96, lr: float = 1e-3,

@@ -173,10 +173,12 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(scene: Scene, rng: np.random.Generator | None = None, colors: bool = True) -> str:
+def caption(scene: Scene, rng: np.random.Generator | None = None, colors: bool = True,
+            background_color: bool = True) -> str:
     """Caption from the grammar. With `rng`, a random paraphrase (synonyms and templates) for augmentation;
     without, the canonical form: "a red circle bouncing on a striped blue background". `colors=False` leaves the
-    subjects' colours out ("a circle bouncing on ..."): the colour must then come from what the stream has seen."""
+    subjects' colours out ("a circle bouncing on ..."): the colour must then come from what the stream has seen;
+    `background_color=False` the background's too ("... on a striped background", the memory test's prompt)."""
 
     def pick(options):
         return options[0] if rng is None else str(options[int(rng.integers(len(options)))])
@@ -195,16 +197,17 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, colors: bool =
     bg = scene.background
     bcolor = pick(BG_COLOR_SYNONYMS[bg.color]) if rng is not None else bg.color
     adj = pick(BACKGROUND_WORDS[bg.kind])
+    look = f"{adj} {bcolor}" if background_color else adj
     if rng is None:
-        return f"{subject} on {_article(adj)} {adj} {bcolor} background"
+        return f"{subject} on {_article(adj)} {look} background"
     template = int(rng.integers(4))
     if template == 0:
-        return f"{subject} on {_article(adj)} {adj} {bcolor} background"
+        return f"{subject} on {_article(adj)} {look} background"
     if template == 1:
-        return f"{subject} over {_article(adj)} {adj} {bcolor} backdrop"
+        return f"{subject} over {_article(adj)} {look} backdrop"
     if template == 2:
-        return f"{adj} {bcolor} background with {subject}"
-    return f"{subject}, {adj} {bcolor} background"
+        return f"{look} background with {subject}"
+    return f"{subject}, {look} background"
 
 
 # --------------------------------------------------------------------------------------------- rendering
@@ -352,19 +355,32 @@ class World:
         if u < mix.still_prob + mix.return_prob:
             scene = sample_scene(self.rng, max_shapes=1, single_shape_prob=1.0)
             start = int(self.rng.integers(0, 100_000))
-            shown = render(scene, start, n_frames, size)
-            empty = render(replace(scene, shapes=()), start, n_frames, size)
             n = len(chunk_bounds)
             lead = int(self.rng.integers(0, 3))
             seen = int(self.rng.integers(1, 4))
             gap = int(self.rng.integers(1, 4))
             seen = max(1, min(seen, n - 2 - lead))
             gap = max(1, min(gap, n - 1 - lead - seen))
-            visible = [not (i < lead or lead + seen <= i < lead + seen + gap) for i in range(n)]
-            frames = np.concatenate([(shown if v else empty)[a:b] for (a, b), v in zip(chunk_bounds, visible)])
-            return frames, scene, "return"
+            return leave_and_return(scene, start, chunk_bounds, size, lead, seen, gap), scene, "return"
         frames, _, scene = self.sample(n_frames, size, augment_caption=False)
         return frames, scene, "normal"
+
+
+def visible_chunks(n: int, lead: int, seen: int, gap: int) -> list[bool]:
+    """Which of n stream chunks show the subject of a leave-and-return clip: none for `lead`, then `seen` with it,
+    `gap` without, and with it again to the end."""
+    return [not (i < lead or lead + seen <= i < lead + seen + gap) for i in range(n)]
+
+
+def leave_and_return(scene: Scene, start: int, chunk_bounds: list[tuple[int, int]], size: int, lead: int, seen: int,
+                     gap: int) -> np.ndarray:
+    """The frames of a leave-and-return clip (`visible_chunks`): the scene's own timeline, its subject cut out of
+    the chunks where it is away, so when it returns it is where its motion has taken it meanwhile."""
+    n_frames = chunk_bounds[-1][1]
+    shown = render(scene, start, n_frames, size)
+    empty = render(replace(scene, shapes=()), start, n_frames, size)
+    visible = visible_chunks(len(chunk_bounds), lead, seen, gap)
+    return np.concatenate([(shown if v else empty)[a:b] for (a, b), v in zip(chunk_bounds, visible)])
 
 
 def single_shape_scene(color: str, shape: str = "circle", motion: str = "bounce", background: str = "stripes",
@@ -379,5 +395,5 @@ __all__ = [
     "FPS", "SHAPE_COLORS", "COLOR_HUES", "BACKGROUND_COLORS", "SHAPES", "MOTIONS", "BACKGROUNDS",
     "SHAPE_SIZE_RANGE", "PATTERN_PERIOD_RANGE", "CLIP_KINDS", "ClipMix",
     "Background", "ShapeSpec", "Scene", "World", "sample_scene", "sample_shape", "sample_background",
-    "caption", "render", "positions", "single_shape_scene", "replace",
+    "caption", "render", "positions", "single_shape_scene", "replace", "visible_chunks", "leave_and_return",
 ]

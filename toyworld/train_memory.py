@@ -1,0 +1,184 @@
+"""Stage `memory` of `toyworld.train`: the DiT taught to read the packed cache's mid partition (issue 13).
+
+Every other stage trains the DiT on full-resolution contexts, so the compressed mid blocks were inert: on the
+memory test (`toyworld.memory`) every cache variant recalled the subject's colour at chance. This stage trains on
+the view the packed cache builds at inference, [sink ; two compressed mid blocks ; recent] -> current (one
+`packcache.layout` layout, as the `hr` stage), with leave-and-return clips shaped like the memory test: empty sink
+chunks, the subject in view for 1-3 chunks, away for 1-3, then back, captioned without its colour. The loss is on
+the chunk where it returns (or the one after), so the colour is only in the mid blocks; one of the two mid blocks
+shown holds the subject (`subject_mid_prob` of the steps; otherwise any two), so the keys the current chunk's
+queries learn to prefer are the subject's, which are what top-k selection ranks by (`packcache.selection`).
+
+`recode_share` of the steps are ordinary `recode` steps (teacher forcing on that stage's clips and mix), so
+the rest of the model's behaviour is kept. The HR compressor stays frozen (the `hr` stage's weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("toyworld.train")
+
+
+@dataclass
+class MemoryRecipe:
+    clips: int = 192                # leave-and-return clips of `chunks` chunks, encoded chunk by chunk
+    chunks: int = 10                # sink 2 + seen <= 3 + gap <= 3 + back >= 2
+    data_seed: int = 901
+    steps: int = 600
+    batch: int = 8
+    lr: float = 5e-4
+    warmup: int = 20
+    recode_share: float = 0.3       # ordinary recode steps among them (the rest of the behaviour kept)
+    subject_mid_prob: float = 1.0   # steps whose two mid blocks include one that holds the subject
+    next_chunk_prob: float = 0.25   # steps whose loss is on the chunk after the return (the subject in recent too)
+    # the packed-view steps' noise levels and foreground weight: what only memory can tell is decided at high noise
+    # (at sigma near 1 the noisy chunk shows no colour) and lies under the subject. With the DiT stage's uniform
+    # levels and weight 1.5 the loss did not depend on the mid blocks at all after 600 steps (session 12).
+    train_shift: float = 5.0
+    fg_weight: float = 4.0
+    bg_color_drop: float = 0.5      # captions without the background's colour either (the memory test's prompts)
+
+
+def make_memory_dataset(preset, work: Path, seed: int, tune: MemoryRecipe, model, compressor, vae,
+                        device: str = "cpu") -> dict:
+    """`tune.clips` leave-and-return clips (`toyworld.world.leave_and_return`, lead = the sink), encoded chunk by
+    chunk, their LR-branch tokens, scenes and (seen, gap) per clip, in `data_memory.pt`."""
+    from packcache.compress import block_grid
+
+    from .common import progress, to_tensor
+    from .train import chunk_bounds, encode_chunkwise, foreground_fraction, scene_to_dict
+    from .train_hr import lr_tokens_for
+    from .world import leave_and_return, sample_scene
+
+    t0 = time.time()
+    bounds = chunk_bounds(preset, preset.chunk_video_frames(tune.chunks - 1)[1])
+    sink = preset.cache.sink_chunks
+    rng = np.random.default_rng(seed)
+    lat, fg, scenes, shape = [], [], [], []
+    grid = block_grid(*model.token_grid(preset.cache.chunk_frames, preset.latent_height, preset.latent_width))
+    with torch.no_grad():
+        for _ in progress(range(0, tune.clips, 8), (tune.clips + 7) // 8, "data (memory clips)"):
+            xs = []
+            for _ in range(8):
+                scene = sample_scene(rng, max_shapes=1, single_shape_prob=1.0)
+                start = int(rng.integers(0, 100_000))
+                seen, gap = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+                seen = max(1, min(seen, tune.chunks - sink - 2))           # it comes back before the clip ends
+                gap = max(1, min(gap, tune.chunks - sink - seen - 1))
+                frames = leave_and_return(scene, start, bounds, preset.height, sink, seen, gap)
+                xs.append(to_tensor(frames))
+                fg.append(foreground_fraction(frames).half())
+                scenes.append(scene_to_dict(scene, "return"))
+                shape.append((seen, gap))
+            lat.append(encode_chunkwise(vae.vae, torch.stack(xs).to(device)).half().cpu())
+        latents = torch.cat(lat)[:tune.clips]
+        # LR tokens from the VAE's decode, as inference sees them: from the rendered frames they differ by 29%
+        # (relative norm, 16 clips), so the decode stays although it is most of this stage's data time
+        lr_tok = lr_tokens_for(preset, model, vae, compressor, latents.float().to(device), grid).half().cpu()
+    data = {"latents": latents, "lr_tokens": lr_tok, "foreground": torch.stack(fg)[:tune.clips],
+            "scenes": scenes[:tune.clips], "shape": shape[:tune.clips]}
+    torch.save(data, work / "data_memory.pt")
+    return {"wall_s": time.time() - t0, "clips": tune.clips, "chunks": tune.chunks}
+
+
+def memory_step_view(rng: np.random.Generator, sink: int, recent: int, seen: int, gap: int, chunks: int,
+                     tune: MemoryRecipe) -> tuple[int, list[int]]:
+    """(current chunk, the two mid chunks it sees) for a clip with the subject in [sink, sink+seen) and back from
+    sink+seen+gap on."""
+    back = sink + seen + gap
+    current = back + 1 if rng.random() < tune.next_chunk_prob and back + 1 < chunks else back
+    candidates = list(range(sink, current - recent))
+    subject = [c for c in candidates if c < sink + seen]
+    if len(candidates) >= 2 and rng.random() < tune.subject_mid_prob:
+        a = int(rng.choice(subject))
+        b = int(rng.choice([c for c in candidates if c != a]))
+        return current, sorted([a, b])
+    return current, sorted(int(c) for c in rng.choice(candidates, size=min(2, len(candidates)), replace=False))
+
+
+def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, device: str = "cpu") -> dict:
+    """`recipe`: the DiT stage's `DiTRecipe` (noise levels, augmentations of the recode steps)."""
+    from packcache.compress import MidCompressor
+    from packcache.vae import VideoVAE
+
+    from .common import cosine_lr, progress, save_curve
+    from .train import (TUNED_FILE, CaptionSampler, RecodeRecipe, _step, build_model, dit_loss,
+                        final_dit_file)
+    from .train_hr import packed_view_loss
+    from .train_vae import load_vae
+    if not (work / "hr.pt").exists() or not (work / "data_chunkwise.pt").exists():
+        raise SystemExit("the memory stage continues from the recode and hr stages: run them first "
+                         "(--stages recode,first,hr,memory,...)")
+    model = build_model(preset, seed)
+    model.load_state_dict(torch.load(final_dit_file(work)))
+    model = model.to(device)
+    vae = VideoVAE(load_vae(preset, work, device=device), preset.vae)
+    comp = MidCompressor(replace(preset.compressor, mode="hr+lr"), model.dim, model.patch_embedding, vae)
+    comp.hr.load_state_dict({k[len("hr."):]: v for k, v in torch.load(work / "hr.pt").items()})
+    comp = comp.to(device).eval().requires_grad_(False)
+    model.eval()
+    data_info = make_memory_dataset(preset, work, seed + tune.data_seed, tune, model, comp, vae, device)
+    logger.info("memory clips done in %.0fs", data_info["wall_s"])
+    data = torch.load(work / "data_memory.pt")
+    rec = torch.load(work / "data_chunkwise.pt")
+
+    view_recipe = replace(recipe, sigma_levels="shifted", train_shift=tune.train_shift, fg_weight=tune.fg_weight)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tune.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    captions = CaptionSampler(preset, data["scenes"], seed + 71, recipe.null_prompt_prob,
+                              return_bg_color_drop=tune.bg_color_drop)
+    rec_captions = CaptionSampler(preset, rec["scenes"], seed + 72, recipe.null_prompt_prob, RecodeRecipe().mix,
+                                  encoder=captions.encoder)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(data["shape"]):
+        by_shape.setdefault(tuple(s), []).append(i)
+    shapes = sorted(by_shape)
+    gen = torch.Generator().manual_seed(seed + 73)
+    rng = np.random.default_rng(seed + 74)
+    c = preset.cache
+    n_rec_chunks = rec["latents"].shape[2] // c.chunk_frames
+    hist: list[float] = []
+    rec_hist: list[float] = []
+    t0 = time.time()
+    for step in progress(range(tune.steps), tune.steps, "memory"):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, tune.steps, tune.lr, warmup=tune.warmup)
+        if rng.random() < tune.recode_share:
+            idx = rng.integers(0, rec["latents"].shape[0], size=tune.batch)
+            text, _ = rec_captions(idx)
+            loss = dit_loss(model, rec["latents"][idx].to(device), text.to(device), preset, recipe, gen,
+                            list(range(n_rec_chunks)), 0, rec["foreground"][idx].to(device))
+            rec_hist.append(loss.item())
+        else:
+            seen, gap = shapes[int(rng.integers(len(shapes)))]
+            idx = rng.choice(by_shape[(seen, gap)], size=tune.batch)
+            current, mids = memory_step_view(rng, c.sink_chunks, c.recent_chunks, seen, gap, tune.chunks, tune)
+            text, _ = captions(idx)
+            T = c.chunk_frames
+            loss = packed_view_loss(preset, model, comp, data["latents"][idx].float().to(device),
+                                    data["lr_tokens"][idx].float().to(device), text.to(device), gen, current, mids,
+                                    view_recipe, fg=data["foreground"][idx][:, current * T:(current + 1) * T])
+            hist.append(loss.item())
+        _step(model, opt, params, ema, recipe, step, loss)
+        if step % 50 == 0:
+            logger.info("memory step %d packed-view loss %.4f, recode loss %.4f (%.0fs)", step,
+                        float(np.mean(hist[-50:] or [np.nan])), float(np.mean(rec_hist[-50:] or [np.nan])),
+                        time.time() - t0)
+    torch.save({k: v.cpu() for k, v in ema.items()}, work / TUNED_FILE)
+    save_curve(work / "loss_memory.png", {"packed view, return chunk": hist, "recode clips": rec_hist},
+               "causal DiT (memory)")
+    info = {"wall_s": time.time() - t0 + data_info["wall_s"], "train_s": time.time() - t0, "steps": tune.steps,
+            "first_loss": float(np.mean(hist[:50])), "final_loss": float(np.mean(hist[-50:])),
+            "recode_final_loss": float(np.mean(rec_hist[-50:])) if rec_hist else None, "data": data_info}
+    (work / "memory.json").write_text(json.dumps(info))
+    return info
