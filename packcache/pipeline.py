@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
+from typing import Callable
 
 import torch
 
@@ -23,6 +25,9 @@ class FinishWorker:
         self._stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        # called on the side thread with each finished job's seconds (its device work included): a server's
+        # metrics, since with the pipeline on the device worker's own step time no longer contains the decode
+        self.on_finish: Callable[[float], None] | None = None
 
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
@@ -53,6 +58,14 @@ class FinishWorker:
         return self._executor().submit(self._run, ready, fn, args)
 
     def _run(self, ready, fn, args):
+        t0 = time.perf_counter()
+        out = self._run_on_stream(ready, fn, args)
+        report = self.on_finish
+        if report is not None:
+            report(time.perf_counter() - t0)
+        return out
+
+    def _run_on_stream(self, ready, fn, args):
         with torch.no_grad():                       # grad mode is per thread
             if self._stream is None:
                 return fn(*args)

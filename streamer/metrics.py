@@ -173,6 +173,9 @@ class ServerMetrics:
             self.BATCH_BUCKETS)
         self.batch_seconds = r.histogram(
             "streamer_batch_seconds", "device time of one batched step (all its sessions' chunks)", self.CHUNK_BUCKETS)
+        self.finish_seconds = r.histogram(
+            "streamer_finish_seconds", "time of one chunk's finish (decode, compressed backup) on the side worker, "
+            "with the pipeline on (not in streamer_batch_seconds)", self.CHUNK_BUCKETS)
 
     def render(self) -> str:
         return self.registry.render()

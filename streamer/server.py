@@ -169,11 +169,21 @@ class StreamServer:
 
     async def warm_up(self) -> float:
         gen, finish_threads = self.generator, self._threads()[1]
+        loop = asyncio.get_running_loop()
+
+        def on_finish(seconds: float) -> None:               # side worker thread: metrics live on the loop
+            try:
+                loop.call_soon_threadsafe(self.metrics.finish_seconds.observe, seconds)
+            except RuntimeError:                              # loop closed: shutting down
+                pass
 
         def warm() -> float:
             if hasattr(gen, "finisher"):
                 gen.finisher.set_threads(finish_threads)
-            return gen.warmup()
+            seconds = gen.warmup()
+            if hasattr(gen, "finisher"):                      # the sessions' finishes, not the warm-up's
+                gen.finisher.on_finish = on_finish
+            return seconds
         seconds = await self.worker.run("server", warm, urgent=True)
         if self.config.max_sessions is None:
             await self._size_admission()

@@ -154,3 +154,27 @@ def test_generate_cli_writes_the_same_video_with_the_pipeline_on_and_off(tmp_pat
         videos[flag] = read_frames(out)
     assert videos["--pipeline"].shape == (48, 64, 64, 3)
     assert np.array_equal(videos["--pipeline"], videos["--no-pipeline"])
+
+
+async def test_metrics_time_the_finishes_the_side_worker_runs(tiny_generator):
+    """With the pipeline on, a chunk's decode runs on the engine's side worker, outside streamer_batch_seconds:
+    streamer_finish_seconds times each of the session's finishes (not the warm-up's)."""
+    from streamer.client import StreamClient
+
+    def metric(text: str, name: str) -> float:
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    def scrape(url: str) -> str:
+        with urllib.request.urlopen(url + "metrics", timeout=10) as r:
+            return r.read().decode()
+
+    with BackgroundServer(ServerConfig(port=0, pipeline=True), tiny_generator) as bg:
+        before = await asyncio.to_thread(scrape, bg.server.url)
+        assert metric(before, "streamer_finish_seconds_count") == 0
+        async with StreamClient(bg.server.ws_url) as c:
+            await c.start_video()
+            await c.wait_frames(30, timeout=60)                  # chunk 0 (9 frames) and later ones landed
+        text = await asyncio.to_thread(scrape, bg.server.url)
+        assert metric(text, "streamer_finish_seconds_count") >= 2
+        assert metric(text, "streamer_finish_seconds_sum") > 0
+        assert 'streamer_finish_seconds_bucket{le="+Inf"}' in text

@@ -11,6 +11,10 @@ queries learn to prefer are the subject's, which are what top-k selection ranks 
 
 `recode_share` of the steps are ordinary `recode` steps (teacher forcing on that stage's clips and mix), so
 the rest of the model's behaviour is kept. The HR compressor stays frozen (the `hr` stage's weights).
+
+Measured (session 12, toyworld/README.md "The memory stage, measured"): at CPU budgets the DiT does not learn to
+read the mid blocks from this loss (recall stays at chance, even with the selection forced onto the subject's
+blocks), so the stage is not in the default recipe.
 """
 
 from __future__ import annotations
