@@ -92,6 +92,15 @@ async def send_refusal(ws: ServerConnection, r: Refused) -> None:
         pass
 
 
+def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable, *args) -> None:
+    """Run fn(*args) on the server's loop from a worker thread (metrics live on the loop); dropped once the loop
+    has closed (shutting down)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
+
+
 class StreamServer:
     def __init__(self, config: ServerConfig, generator=None):
         self.config = config
@@ -127,14 +136,11 @@ class StreamServer:
         cfg = self.config
         loop = asyncio.get_running_loop()
 
-        def on_batch(size: int, seconds: float) -> None:     # worker thread: metrics live on the loop
+        def on_batch(size: int, seconds: float) -> None:     # worker thread
             def observe():
                 self.metrics.batch_sessions.observe(size)
                 self.metrics.batch_seconds.observe(seconds)
-            try:
-                loop.call_soon_threadsafe(observe)
-            except RuntimeError:                              # loop closed: shutting down
-                pass
+            on_loop(loop, observe)
         self.worker = DeviceWorker(str(getattr(self.generator, "device", "device")), init=self._init_worker,
                                    max_batch=cfg.max_batch, on_batch=on_batch)
         self._ws_server = await serve(
@@ -170,19 +176,14 @@ class StreamServer:
     async def warm_up(self) -> float:
         gen, finish_threads = self.generator, self._threads()[1]
         loop = asyncio.get_running_loop()
-
-        def on_finish(seconds: float) -> None:               # side worker thread: metrics live on the loop
-            try:
-                loop.call_soon_threadsafe(self.metrics.finish_seconds.observe, seconds)
-            except RuntimeError:                              # loop closed: shutting down
-                pass
+        finisher = getattr(gen, "finisher", None)
 
         def warm() -> float:
-            if hasattr(gen, "finisher"):
-                gen.finisher.set_threads(finish_threads)
+            if finisher is not None:
+                finisher.set_threads(finish_threads)
             seconds = gen.warmup()
-            if hasattr(gen, "finisher"):                      # the sessions' finishes, not the warm-up's
-                gen.finisher.on_finish = on_finish
+            if finisher is not None:                          # the sessions' finishes, not the warm-up's
+                finisher.on_finish = lambda s: on_loop(loop, self.metrics.finish_seconds.observe, s)
             return seconds
         seconds = await self.worker.run("server", warm, urgent=True)
         if self.config.max_sessions is None:

@@ -227,7 +227,6 @@ def test_drift_stage_fine_tunes_the_dit_and_later_stages_take_it(tmp_path):
     which `hr` and `pack` then use; without drifted copies in the data it stops with one clear message."""
     from toyworld.train import (
         DIT_FILE,
-        TUNED_FILE,
         DiTRecipe,
         DriftRecipe,
         build_model,
@@ -256,10 +255,7 @@ def test_drift_stage_fine_tunes_the_dit_and_later_stages_take_it(tmp_path):
     info = train_drift(p, tmp_path, 0, DiTRecipe(batch=2), tune)
     torch.set_num_threads(threads)
     assert info["steps"] == 3 and np.isfinite(info["final_loss"])
-    assert final_dit_file(tmp_path) == tmp_path / TUNED_FILE
-    before, after = torch.load(tmp_path / DIT_FILE), torch.load(tmp_path / TUNED_FILE)
-    assert before.keys() == after.keys()
-    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point)
+    assert_stage_tuned_the_dit(tmp_path)
 
 
 def test_chunkwise_encoding_restarts_the_encoder_at_every_chunk():
@@ -335,48 +331,60 @@ def test_recode_stage_draws_its_clips_from_its_own_mix(tmp_path):
     assert change["still"] < 0.8 * change["normal"], change
 
 
+def dit_work_folder(path: Path):
+    """A work folder as after the `dit` stage: the shipped VAE and a freshly initialised DiT. Returns the preset."""
+    from toyworld.train import DEFAULT_OUT, DIT_FILE, build_model, toy_preset, vae_from_bundle
+    p = toy_preset()
+    vae_from_bundle(DEFAULT_OUT, path)
+    torch.save(build_model(p, 0).state_dict(), path / DIT_FILE)
+    return p
+
+
+def save_recode_clips(path: Path) -> None:
+    """Four random 7-chunk clips where the `recode` stage leaves its chunk-by-chunk data."""
+    from toyworld.train import scene_to_dict
+    from toyworld.world import World
+    world = World(0)
+    g = torch.Generator().manual_seed(0)
+    torch.save({"latents": torch.randn(4, 16, 21, 8, 8, generator=g).half(), "foreground": torch.zeros(4, 21, 8, 8),
+                "scenes": [scene_to_dict(world.sample(1, 64)[2]) for _ in range(4)]}, path / "data_chunkwise.pt")
+
+
+def with_one_thread(fn, *args):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_stage_tuned_the_dit(path: Path) -> None:
+    """The later stages take the tuned file, and it differs from the `dit` stage's weights."""
+    from toyworld.train import DIT_FILE, TUNED_FILE, final_dit_file
+    assert final_dit_file(path) == path / TUNED_FILE
+    before, after = torch.load(path / DIT_FILE), torch.load(path / TUNED_FILE)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point)
+
+
 def test_first_stage_trains_first_chunks_alone_and_recode_clips(tmp_path):
     """`--stages first`: fresh 9-frame clips (one first stream chunk: 3 latent frames each), then the current DiT
     fine-tuned on batches of them and on the `recode` stage's clips, into the tuned file `hr` and `pack` take;
     without the recode stage's clips it stops with one clear message."""
-    from toyworld.train import (
-        DEFAULT_OUT,
-        DIT_FILE,
-        TUNED_FILE,
-        DiTRecipe,
-        FirstChunkRecipe,
-        build_model,
-        final_dit_file,
-        scene_to_dict,
-        toy_preset,
-        train_first,
-        vae_from_bundle,
-    )
-    from toyworld.world import World
-    p = toy_preset()
-    vae_from_bundle(DEFAULT_OUT, tmp_path)
-    torch.save(build_model(p, 0).state_dict(), tmp_path / DIT_FILE)
+    from toyworld.train import DiTRecipe, FirstChunkRecipe, train_first
+    p = dit_work_folder(tmp_path)
     tune = FirstChunkRecipe(clips=4, steps=6, first_share=0.5, batch=2)
     with pytest.raises(SystemExit, match="recode"):
         train_first(p, tmp_path, 0, DiTRecipe(batch=2), tune)
-    world = World(0)
-    g = torch.Generator().manual_seed(0)
-    torch.save({"latents": torch.randn(4, 16, 21, 8, 8, generator=g).half(), "foreground": torch.zeros(4, 21, 8, 8),
-                "scenes": [scene_to_dict(world.sample(1, 64)[2]) for _ in range(4)]}, tmp_path / "data_chunkwise.pt")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        info = train_first(p, tmp_path, 0, DiTRecipe(batch=2), tune)
-    finally:
-        torch.set_num_threads(threads)
+    save_recode_clips(tmp_path)
+    info = with_one_thread(train_first, p, tmp_path, 0, DiTRecipe(batch=2), tune)
     first = torch.load(tmp_path / "data_first.pt")
     assert first["latents"].shape == (4, 16, p.cache.chunk_frames, 8, 8)
     assert first["foreground"].shape == (4, 3, 8, 8) and len(first["scenes"]) == 4
     assert info["steps"] == 6 and 0 < info["first_chunk_steps"] < 6, info
     assert np.isfinite(info["first_chunk_final_loss"]) and np.isfinite(info["final_loss"])
-    assert final_dit_file(tmp_path) == tmp_path / TUNED_FILE
-    before, after = torch.load(tmp_path / DIT_FILE), torch.load(tmp_path / TUNED_FILE)
-    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point)
+    assert_stage_tuned_the_dit(tmp_path)
 
 
 def test_memory_stage_views_put_the_subject_in_the_mid_blocks_only():
@@ -407,42 +415,19 @@ def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
 
     from packcache.compress import MidCompressor
     from packcache.model import CausalWanModel
-    from toyworld.train import (
-        DEFAULT_OUT,
-        DIT_FILE,
-        TUNED_FILE,
-        DiTRecipe,
-        build_model,
-        final_dit_file,
-        scene_to_dict,
-        toy_preset,
-        vae_from_bundle,
-    )
+    from toyworld.train import DiTRecipe
     from toyworld.train_memory import MemoryRecipe, train_memory
-    from toyworld.world import World
-    p = toy_preset()
-    vae_from_bundle(DEFAULT_OUT, tmp_path)
-    torch.save(build_model(p, 0).state_dict(), tmp_path / DIT_FILE)
+    p = dit_work_folder(tmp_path)
     tune = MemoryRecipe(clips=8, chunks=7, steps=6, batch=2, recode_share=0.3)
     with pytest.raises(SystemExit, match="recode and hr"):
         train_memory(p, tmp_path, 0, DiTRecipe(batch=2), tune)
-    world = World(0)
-    g = torch.Generator().manual_seed(0)
-    torch.save({"latents": torch.randn(4, 16, 21, 8, 8, generator=g).half(), "foreground": torch.zeros(4, 21, 8, 8),
-                "scenes": [scene_to_dict(world.sample(1, 64)[2]) for _ in range(4)]}, tmp_path / "data_chunkwise.pt")
+    save_recode_clips(tmp_path)
     model = CausalWanModel(p.transformer)
     hr = MidCompressor(replace(p.compressor, mode="hr"), model.dim, model.patch_embedding).hr
     torch.save({f"hr.{k}": v for k, v in hr.state_dict().items()}, tmp_path / "hr.pt")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        info = train_memory(p, tmp_path, 0, DiTRecipe(batch=2), tune)
-    finally:
-        torch.set_num_threads(threads)
+    info = with_one_thread(train_memory, p, tmp_path, 0, DiTRecipe(batch=2), tune)
     data = torch.load(tmp_path / "data_memory.pt")
     assert data["latents"].shape == (8, 16, 7 * p.cache.chunk_frames, 8, 8)
     assert data["lr_tokens"].shape[:2] == (8, 7) and len(data["shape"]) == len(data["scenes"]) == 8
     assert info["steps"] == 6 and np.isfinite(info["final_loss"]), info
-    assert final_dit_file(tmp_path) == tmp_path / TUNED_FILE
-    before, after = torch.load(tmp_path / DIT_FILE), torch.load(tmp_path / TUNED_FILE)
-    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point)
+    assert_stage_tuned_the_dit(tmp_path)

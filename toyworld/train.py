@@ -374,6 +374,12 @@ def build_model(preset, seed: int):
     return CausalWanModel(preset.transformer)
 
 
+def foreground_weight(fg: torch.Tensor, fg_weight: float) -> torch.Tensor:
+    """Extra loss weight per latent position from its foreground share: `fg_weight` once a quarter of it is under a
+    shape (the DiT stage, and the memory stage's packed view)."""
+    return fg_weight * (4.0 * fg).clamp(max=1.0)
+
+
 def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: DiTRecipe,
              gen: torch.Generator, keep_chunks: list[int], loss_from_chunk: int = 0,
              fg: torch.Tensor | None = None, null_text: torch.Tensor | None = None) -> torch.Tensor:
@@ -416,7 +422,7 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
     v = model.forward_sequence(inp, timestep, text, torch.cat([pos, pos]), mask)[:, :, f:]
     w = torch.ones(b, f, *x0.shape[3:], device=dev)
     if fg is not None:
-        w = w + recipe.fg_weight * (4.0 * fg[:, frames.to(fg.device)].float().to(dev)).clamp(max=1.0)
+        w = w + foreground_weight(fg[:, frames.to(fg.device)].float().to(dev), recipe.fg_weight)
     in_loss = torch.tensor([float(c >= loss_from_chunk) for c in keep_chunks], device=dev).repeat_interleave(T)
     w = w * in_loss[None, :, None, None]
     if roll.any():      # rolled-out samples learn only where their context holds sampled chunks

@@ -56,7 +56,7 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
     from packcache.compress import block_grid
     from packcache.layout import build_layout
 
-    from .train import DiTRecipe, draw_sigmas
+    from .train import DiTRecipe, draw_sigmas, foreground_weight
     c = preset.cache
     T = c.chunk_frames
     b = x0.shape[0]
@@ -83,7 +83,7 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
     v = model.forward_view(view, inputs, timesteps, model.embed_text(text))
     if fg is None:
         return F.mse_loss(v.float(), eps - sl(current))
-    w = 1.0 + (recipe or DiTRecipe()).fg_weight * (4.0 * fg.float().to(dev)).clamp(max=1.0)     # (B, T, h, w)
+    w = 1.0 + foreground_weight(fg.float().to(dev), (recipe or DiTRecipe()).fg_weight)          # (B, T, h, w)
     err = (v.float() - (eps - sl(current))).pow(2).mean(dim=1)
     return (err * w).sum() / w.sum()
 

@@ -66,7 +66,7 @@ def make_memory_dataset(preset, work: Path, seed: int, tune: MemoryRecipe, model
     from .common import progress, to_tensor
     from .train import chunk_bounds, encode_chunkwise, foreground_fraction, scene_to_dict
     from .train_hr import lr_tokens_for
-    from .world import leave_and_return, sample_scene
+    from .world import fit_return, leave_and_return, sample_scene
 
     t0 = time.time()
     bounds = chunk_bounds(preset, preset.chunk_video_frames(tune.chunks - 1)[1])
@@ -80,9 +80,7 @@ def make_memory_dataset(preset, work: Path, seed: int, tune: MemoryRecipe, model
             for _ in range(8):
                 scene = sample_scene(rng, max_shapes=1, single_shape_prob=1.0)
                 start = int(rng.integers(0, 100_000))
-                seen, gap = int(rng.integers(1, 4)), int(rng.integers(1, 4))
-                seen = max(1, min(seen, tune.chunks - sink - 2))           # it comes back before the clip ends
-                gap = max(1, min(gap, tune.chunks - sink - seen - 1))
+                seen, gap = fit_return(tune.chunks, sink, int(rng.integers(1, 4)), int(rng.integers(1, 4)))
                 frames = leave_and_return(scene, start, bounds, preset.height, sink, seen, gap)
                 xs.append(to_tensor(frames))
                 fg.append(foreground_fraction(frames).half())

@@ -359,11 +359,17 @@ class World:
             lead = int(self.rng.integers(0, 3))
             seen = int(self.rng.integers(1, 4))
             gap = int(self.rng.integers(1, 4))
-            seen = max(1, min(seen, n - 2 - lead))
-            gap = max(1, min(gap, n - 1 - lead - seen))
+            seen, gap = fit_return(n, lead, seen, gap)
             return leave_and_return(scene, start, chunk_bounds, size, lead, seen, gap), scene, "return"
         frames, _, scene = self.sample(n_frames, size, augment_caption=False)
         return frames, scene, "normal"
+
+
+def fit_return(n: int, lead: int, seen: int, gap: int) -> tuple[int, int]:
+    """(seen, gap) shortened so that a leave-and-return clip of n chunks shows the subject at least once before the
+    gap and comes back before it ends."""
+    seen = max(1, min(seen, n - 2 - lead))
+    return seen, max(1, min(gap, n - 1 - lead - seen))
 
 
 def visible_chunks(n: int, lead: int, seen: int, gap: int) -> list[bool]:
@@ -395,5 +401,6 @@ __all__ = [
     "FPS", "SHAPE_COLORS", "COLOR_HUES", "BACKGROUND_COLORS", "SHAPES", "MOTIONS", "BACKGROUNDS",
     "SHAPE_SIZE_RANGE", "PATTERN_PERIOD_RANGE", "CLIP_KINDS", "ClipMix",
     "Background", "ShapeSpec", "Scene", "World", "sample_scene", "sample_shape", "sample_background",
-    "caption", "render", "positions", "single_shape_scene", "replace", "visible_chunks", "leave_and_return",
+    "caption", "render", "positions", "single_shape_scene", "replace", "fit_return", "visible_chunks",
+    "leave_and_return",
 ]
