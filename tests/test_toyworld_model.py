@@ -387,24 +387,46 @@ def test_first_stage_trains_first_chunks_alone_and_recode_clips(tmp_path):
     assert_stage_tuned_the_dit(tmp_path)
 
 
-def test_memory_stage_views_put_the_subject_in_the_mid_blocks_only():
+@pytest.mark.parametrize("shown", [2, 4])
+def test_memory_stage_views_put_the_subject_in_the_mid_blocks_only(shown):
     """The memory stage's loss chunk is where the subject returns (or the one after), never in the recent window
-    while it was away; its mid chunks lie between the sink and the recent window, and mostly one holds the subject."""
+    while it was away; its mid chunks lie between the sink and the recent window, and mostly one holds the subject
+    (among up to `mid_shown` blocks, the others empty ones when there are enough)."""
+    from dataclasses import replace
+
     from toyworld.train_memory import MemoryRecipe, memory_step_view
     from toyworld.world import visible_chunks
     rng = np.random.default_rng(0)
-    tune = MemoryRecipe()
-    with_subject = 0
+    tune = replace(MemoryRecipe(), mid_shown=shown)
+    with_subject = empty_too = 0
     for _ in range(400):
         seen, gap = int(rng.integers(1, 4)), int(rng.integers(1, 4))
         vis = visible_chunks(tune.chunks, 2, seen, gap)
         current, mids = memory_step_view(rng, 2, 1, seen, gap, tune.chunks, tune)
         assert vis[current] and current in (2 + seen + gap, 3 + seen + gap)
-        assert len(mids) in (1, 2) and all(2 <= m < current - 1 for m in mids) and mids == sorted(set(mids))
+        assert 1 <= len(mids) <= shown and all(2 <= m < current - 1 for m in mids) and mids == sorted(set(mids))
+        assert len(mids) == min(shown, current - 3)          # as many as there are, up to mid_shown
         if current == 2 + seen + gap:
             assert not vis[current - 1]        # the recent chunk is empty: the colour is only in the mid blocks
         with_subject += any(vis[m] for m in mids)
+        empty_too += any(not vis[m] for m in mids)
     assert with_subject / 400 >= tune.subject_mid_prob - 0.05
+    assert empty_too / 400 > 0.5               # the subject's block is ranked against empty ones
+
+
+def test_memory_stage_ordinary_views_cover_every_chunk_with_a_mid_block():
+    """Packed-view steps on ordinary clips: any chunk that has a mid chunk before its recent window, with up to
+    `mid_shown` distinct mid chunks between the sink and the recent window."""
+    from toyworld.train_memory import MemoryRecipe, ordinary_step_view
+    rng = np.random.default_rng(1)
+    tune = MemoryRecipe()
+    currents = set()
+    for _ in range(300):
+        current, mids = ordinary_step_view(rng, 2, 1, 7, tune)
+        currents.add(current)
+        assert mids == sorted(set(mids)) and 1 <= len(mids) <= tune.mid_shown
+        assert all(2 <= m < current - 1 for m in mids)
+    assert currents == {4, 5, 6}
 
 
 def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
@@ -418,7 +440,8 @@ def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
     from toyworld.train import DiTRecipe
     from toyworld.train_memory import MemoryRecipe, train_memory
     p = dit_work_folder(tmp_path)
-    tune = MemoryRecipe(clips=8, chunks=7, steps=6, batch=2, recode_share=0.3)
+    tune = MemoryRecipe(clips=8, chunks=7, steps=8, batch=2, recode_share=0.25, ordinary_share=0.25, ordinary_clips=3,
+                        first_share=0.25, first_batch=4)
     with pytest.raises(SystemExit, match="recode and hr"):
         train_memory(p, tmp_path, 0, DiTRecipe(batch=2), tune)
     save_recode_clips(tmp_path)
@@ -429,5 +452,9 @@ def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
     data = torch.load(tmp_path / "data_memory.pt")
     assert data["latents"].shape == (8, 16, 7 * p.cache.chunk_frames, 8, 8)
     assert data["lr_tokens"].shape[:2] == (8, 7) and len(data["shape"]) == len(data["scenes"]) == 8
-    assert info["steps"] == 6 and np.isfinite(info["final_loss"]), info
+    assert info["steps"] == 8 and np.isfinite(info["final_loss"]), info
     assert_stage_tuned_the_dit(tmp_path)
+    assert torch.load(tmp_path / "data_memory_ordinary.pt").shape[:2] == (3, 7)    # the recode clips' LR tokens
+    # run again with other training settings: the clips are reused, not encoded again
+    again = with_one_thread(train_memory, p, tmp_path, 0, DiTRecipe(batch=2), replace(tune, steps=2, lr=1e-4))
+    assert again["data"].get("reused") and again["steps"] == 2

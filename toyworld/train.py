@@ -534,6 +534,32 @@ def _step(model, opt, params, ema: dict, recipe: DiTRecipe, step: int, loss: tor
                 ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
 
 
+def clip_loss(model, data: dict, idx: np.ndarray, text: torch.Tensor, preset, recipe: DiTRecipe,
+              rng: np.random.Generator, gen: torch.Generator, device: str = "cpu",
+              null_text: torch.Tensor | None = None) -> torch.Tensor:
+    """The `dit` stage's teacher-forcing loss on clips `idx` of `data` with its augmentations: chunk dropping (the
+    packed and window caches' contexts), scene cuts (prompt switches) and, with `data["drifted"]`, drifted contexts.
+    Shared by every stage that keeps those behaviours while it trains something else."""
+    latents, fg = data["latents"], data["foreground"]
+    T = preset.cache.chunk_frames
+    n_chunks = latents.shape[2] // T
+    keep = choose_chunks(rng, n_chunks, preset.cache.sink_chunks, recipe.drop_prob)
+    batch, batch_fg = latents[idx], fg[idx]
+    loss_from = 0
+    u = rng.random()
+    if u < recipe.switch_prob:   # context from scene A, prompt and continuation from scene B
+        j = int(rng.choice(keep[1:]))
+        other = latents[rng.integers(0, latents.shape[0], size=len(idx))]
+        batch = torch.cat([other[:, :, :j * T], batch[:, :, j * T:]], dim=2)
+        loss_from = j
+    elif u < recipe.switch_prob + recipe.drift_prob:   # context drifted off the prompt, continuation true
+        j = int(rng.choice(keep[1:]))
+        batch = torch.cat([data["drifted"][idx][:, :, :j * T], batch[:, :, j * T:]], dim=2)
+        loss_from = j
+    return dit_loss(model, batch.to(device), text.to(device), preset, recipe, gen, keep, loss_from,
+                    batch_fg.to(device), null_text)
+
+
 def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | None = None,
               device: str = "cpu", init: Path | None = None, out_name: str = DIT_FILE, name: str = "dit",
               warmup: int = 100, mix: ClipMix = ClipMix(), first: dict | None = None, first_share: float = 0.0,
@@ -543,10 +569,7 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
     `name`. With `first` (a `make_first_chunk_dataset`), `first_share` of the steps train a batch of
     `first_batch` first chunks alone instead (stage `first`)."""
     data = data or torch.load(work / "data.pt")
-    latents, fg = data["latents"], data["foreground"]
-    n = latents.shape[0]
-    T = preset.cache.chunk_frames
-    n_chunks = latents.shape[2] // T
+    n = data["latents"].shape[0]
     model = build_model(preset, seed)
     if init is not None:
         model.load_state_dict(torch.load(init))
@@ -581,21 +604,7 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
         else:
             idx = rng.integers(0, n, size=recipe.batch)
             text, _ = captions(idx)
-            keep = choose_chunks(rng, n_chunks, preset.cache.sink_chunks, recipe.drop_prob)
-            batch, batch_fg = latents[idx], fg[idx]
-            loss_from = 0
-            u = rng.random()
-            if u < recipe.switch_prob:   # context from scene A, prompt and continuation from scene B
-                j = int(rng.choice(keep[1:]))
-                other = latents[rng.integers(0, n, size=recipe.batch)]
-                batch = torch.cat([other[:, :, :j * T], batch[:, :, j * T:]], dim=2)
-                loss_from = j
-            elif u < recipe.switch_prob + recipe.drift_prob:   # context drifted off the prompt, continuation true
-                j = int(rng.choice(keep[1:]))
-                batch = torch.cat([data["drifted"][idx][:, :, :j * T], batch[:, :, j * T:]], dim=2)
-                loss_from = j
-            loss = dit_loss(model, batch.to(device), text.to(device), preset, recipe, gen, keep, loss_from,
-                            batch_fg.to(device), null_text)
+            loss = clip_loss(model, data, idx, text, preset, recipe, rng, gen, device, null_text)
             _step(model, opt, params, ema, recipe, step, loss)
             hist.append(loss.item())
         if step % 100 == 0:

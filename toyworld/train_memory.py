@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,17 @@ class MemoryRecipe:
     color_named: float = 0.1        # captions that do name the subject's colour: with none, prompt following
                                     # fell from 93% to 47%; with 0.3 (and 40% recode steps) the recall was gone
                                     # (session 12); 0.1 kept 93% and recall 0.29
+    ordinary_share: float = 0.0     # packed-view steps on the recode stage's ordinary clips (streams that keep
+                                    # their subject), so that reading the mid blocks is learnt for them too
+    ordinary_clips: int = 192       # of the recode clips, those given LR tokens for the ordinary packed-view steps
+    mid_shown: int = 2              # mid blocks in a packed-view step (inference attends to top-k of them)
+    first_share: float = 0.0        # steps on a batch of first chunks alone (the `first` stage's clips): the only
+                                    # chunk whose colour comes from the text alone, so colour words stay bound
+    first_batch: int = 32
+
+    def data_key(self, seed: int) -> dict:
+        """What decides the memory clips: a `data_memory.pt` made with the same key is reused."""
+        return {"clips": self.clips, "chunks": self.chunks, "seed": seed}
 
 
 def make_memory_dataset(preset, work: Path, seed: int, tune: MemoryRecipe, model, compressor, vae,
@@ -92,24 +103,53 @@ def make_memory_dataset(preset, work: Path, seed: int, tune: MemoryRecipe, model
         # (relative norm, 16 clips), so the decode stays although it is most of this stage's data time
         lr_tok = lr_tokens_for(preset, model, vae, compressor, latents.float().to(device), grid).half().cpu()
     data = {"latents": latents, "lr_tokens": lr_tok, "foreground": torch.stack(fg)[:tune.clips],
-            "scenes": scenes[:tune.clips], "shape": shape[:tune.clips]}
+            "scenes": scenes[:tune.clips], "shape": shape[:tune.clips], "key": tune.data_key(seed)}
     torch.save(data, work / "data_memory.pt")
     return {"wall_s": time.time() - t0, "clips": tune.clips, "chunks": tune.chunks}
 
 
 def memory_step_view(rng: np.random.Generator, sink: int, recent: int, seen: int, gap: int, chunks: int,
                      tune: MemoryRecipe) -> tuple[int, list[int]]:
-    """(current chunk, the two mid chunks it sees) for a clip with the subject in [sink, sink+seen) and back from
-    sink+seen+gap on."""
+    """(current chunk, the `tune.mid_shown` mid chunks it sees) for a clip with the subject in [sink, sink+seen)
+    and back from sink+seen+gap on. With more mid blocks than one holding the subject, the rest are the empty
+    chunks top-k selection has to rank below it."""
     back = sink + seen + gap
     current = back + 1 if rng.random() < tune.next_chunk_prob and back + 1 < chunks else back
     candidates = list(range(sink, current - recent))
     subject = [c for c in candidates if c < sink + seen]
+    n = min(tune.mid_shown, len(candidates))
     if len(candidates) >= 2 and rng.random() < tune.subject_mid_prob:
         a = int(rng.choice(subject))
-        b = int(rng.choice([c for c in candidates if c != a]))
-        return current, sorted([a, b])
-    return current, sorted(int(c) for c in rng.choice(candidates, size=min(2, len(candidates)), replace=False))
+        rest = rng.choice([c for c in candidates if c != a], size=n - 1, replace=False)
+        return current, sorted([a, *(int(c) for c in rest)])
+    return current, sorted(int(c) for c in rng.choice(candidates, size=n, replace=False))
+
+
+def ordinary_step_view(rng: np.random.Generator, sink: int, recent: int, chunks: int,
+                       tune: MemoryRecipe) -> tuple[int, list[int]]:
+    """(current chunk, mid chunks) of a packed-view step on an ordinary clip: any chunk with at least one mid chunk
+    before its recent window, up to `tune.mid_shown` of those drawn at random (as top-k would pick among them)."""
+    current = int(rng.integers(sink + recent + 1, chunks))
+    candidates = list(range(sink, current - recent))
+    n = min(tune.mid_shown, len(candidates))
+    return current, sorted(int(c) for c in rng.choice(candidates, size=n, replace=False))
+
+
+def ordinary_lr_tokens(preset, work: Path, model, compressor, vae, rec: dict, clips: int, device: str) -> torch.Tensor:
+    """LR-branch tokens of the first `clips` recode clips, kept in `data_memory_ordinary.pt` (reused for the same
+    count: the decode is most of their cost)."""
+    from packcache.compress import block_grid
+
+    from .train_hr import lr_tokens_for
+    path = work / "data_memory_ordinary.pt"
+    if path.exists():
+        tok = torch.load(path)
+        if tok.shape[0] == clips:
+            return tok
+    grid = block_grid(*model.token_grid(preset.cache.chunk_frames, preset.latent_height, preset.latent_width))
+    tok = lr_tokens_for(preset, model, vae, compressor, rec["latents"][:clips].float().to(device), grid).half().cpu()
+    torch.save(tok, path)
+    return tok
 
 
 def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, device: str = "cpu") -> dict:
@@ -118,8 +158,8 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
     from packcache.vae import VideoVAE
 
     from .common import cosine_lr, progress, save_curve
-    from .train import (TUNED_FILE, CaptionSampler, RecodeRecipe, _step, build_model, dit_loss,
-                        final_dit_file)
+    from .train import (TUNED_FILE, CaptionSampler, FirstChunkRecipe, RecodeRecipe, _step, build_model,
+                        clip_loss, dit_loss, final_dit_file, make_first_chunk_dataset)
     from .train_hr import packed_view_loss
     from .train_vae import load_vae
     if not (work / "hr.pt").exists() or not (work / "data_chunkwise.pt").exists():
@@ -133,10 +173,28 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
     comp.hr.load_state_dict({k[len("hr."):]: v for k, v in torch.load(work / "hr.pt").items()})
     comp = comp.to(device).eval().requires_grad_(False)
     model.eval()
-    data_info = make_memory_dataset(preset, work, seed + tune.data_seed, tune, model, comp, vae, device)
-    logger.info("memory clips done in %.0fs", data_info["wall_s"])
-    data = torch.load(work / "data_memory.pt")
+    path = work / "data_memory.pt"
+    old = torch.load(path) if path.exists() else {}
+    if old.get("key") == tune.data_key(seed + tune.data_seed):
+        data, data_info = old, {"wall_s": 0.0, "clips": tune.clips, "chunks": tune.chunks, "reused": True}
+        logger.info("memory clips reused from %s", path)
+    else:
+        data_info = make_memory_dataset(preset, work, seed + tune.data_seed, tune, model, comp, vae, device)
+        logger.info("memory clips done in %.0fs", data_info["wall_s"])
+        data = torch.load(path)
+    del old
     rec = torch.load(work / "data_chunkwise.pt")
+    n_ord = min(tune.ordinary_clips, rec["latents"].shape[0]) if tune.ordinary_share > 0 else 0
+    if n_ord:
+        t_ord = time.time()
+        ord_tok = ordinary_lr_tokens(preset, work, model, comp, vae, rec, n_ord, device)
+        data_info["ordinary_lr_s"] = time.time() - t_ord
+    first = None
+    if tune.first_share > 0:
+        if not (work / "data_first.pt").exists():       # the `first` stage's clips, made afresh when it left none
+            fc = FirstChunkRecipe()
+            data_info["first"] = make_first_chunk_dataset(preset, work, seed + fc.data_seed, fc.clips, device=device)
+        first = torch.load(work / "data_first.pt")
 
     view_recipe = replace(recipe, sigma_levels="shifted", train_shift=tune.train_shift, fg_weight=tune.fg_weight)
     model.train()
@@ -149,6 +207,9 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
                            recipe.null_prompt_prob, encoder=captions.encoder)
     rec_captions = CaptionSampler(preset, rec["scenes"], seed + 72, recipe.null_prompt_prob, RecodeRecipe().mix,
                                   encoder=captions.encoder)
+    first_captions = (CaptionSampler(preset, first["scenes"], seed + 76, recipe.null_prompt_prob,
+                                     encoder=captions.encoder) if first else None)
+    clip_recipe = replace(recipe, drift_prob=0.0, roll_prob=0.0)     # as the `recode` stage trains
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(data["shape"]):
         by_shape.setdefault(tuple(s), []).append(i)
@@ -159,37 +220,58 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
     n_rec_chunks = rec["latents"].shape[2] // c.chunk_frames
     hist: list[float] = []
     rec_hist: list[float] = []
+    ord_hist: list[float] = []
+    first_hist: list[float] = []
+    T = c.chunk_frames
     t0 = time.time()
     for step in progress(range(tune.steps), tune.steps, "memory"):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, tune.steps, tune.lr, warmup=tune.warmup)
-        if rng.random() < tune.recode_share:
+        u = rng.random()
+        if u < tune.recode_share:            # the `recode` stage's steps: chunk dropping, scene cuts
             idx = rng.integers(0, rec["latents"].shape[0], size=tune.batch)
             text, _ = rec_captions(idx)
-            loss = dit_loss(model, rec["latents"][idx].to(device), text.to(device), preset, recipe, gen,
-                            list(range(n_rec_chunks)), 0, rec["foreground"][idx].to(device))
+            loss = clip_loss(model, rec, idx, text, preset, clip_recipe, rng, gen, device)
             rec_hist.append(loss.item())
+        elif u < tune.recode_share + tune.first_share:
+            idx = rng.integers(0, len(first["scenes"]), size=tune.first_batch)
+            text, _ = first_captions(idx)
+            loss = dit_loss(model, first["latents"][idx].to(device), text.to(device), preset, recipe, gen, [0], 0,
+                            first["foreground"][idx].to(device))
+            first_hist.append(loss.item())
+        elif u < tune.recode_share + tune.first_share + tune.ordinary_share:
+            idx = rng.integers(0, n_ord, size=tune.batch)
+            current, mids = ordinary_step_view(rng, c.sink_chunks, c.recent_chunks, n_rec_chunks, tune)
+            text, _ = rec_captions(idx)
+            loss = packed_view_loss(preset, model, comp, rec["latents"][idx].float().to(device),
+                                    ord_tok[idx].float().to(device), text.to(device), gen, current, mids,
+                                    view_recipe, fg=rec["foreground"][idx][:, current * T:(current + 1) * T])
+            ord_hist.append(loss.item())
         else:
             seen, gap = shapes[int(rng.integers(len(shapes)))]
             idx = rng.choice(by_shape[(seen, gap)], size=tune.batch)
             current, mids = memory_step_view(rng, c.sink_chunks, c.recent_chunks, seen, gap, tune.chunks, tune)
             text = captions.encoder.encode([named.text_for(i) if rng.random() < tune.color_named
                                             else captions.text_for(i) for i in idx])
-            T = c.chunk_frames
             loss = packed_view_loss(preset, model, comp, data["latents"][idx].float().to(device),
                                     data["lr_tokens"][idx].float().to(device), text.to(device), gen, current, mids,
                                     view_recipe, fg=data["foreground"][idx][:, current * T:(current + 1) * T])
             hist.append(loss.item())
         _step(model, opt, params, ema, recipe, step, loss)
         if step % 50 == 0:
-            logger.info("memory step %d packed-view loss %.4f, recode loss %.4f (%.0fs)", step,
-                        float(np.mean(hist[-50:] or [np.nan])), float(np.mean(rec_hist[-50:] or [np.nan])),
+            logger.info("memory step %d packed-view loss %.4f, ordinary packed-view %.4f, recode %.4f, first chunks "
+                        "%.4f (%.0fs)", step, *(float(np.mean(h[-50:] or [np.nan]))
+                                                 for h in (hist, ord_hist, rec_hist, first_hist)),
                         time.time() - t0)
     torch.save({k: v.cpu() for k, v in ema.items()}, work / TUNED_FILE)
-    save_curve(work / "loss_memory.png", {"packed view, return chunk": hist, "recode clips": rec_hist},
+    save_curve(work / "loss_memory.png", {"packed view, return chunk": hist, "packed view, ordinary clips": ord_hist,
+                                          "recode clips": rec_hist, "first chunks alone": first_hist},
                "causal DiT (memory)")
     info = {"wall_s": time.time() - t0 + data_info["wall_s"], "train_s": time.time() - t0, "steps": tune.steps,
             "first_loss": float(np.mean(hist[:50])), "final_loss": float(np.mean(hist[-50:])),
-            "recode_final_loss": float(np.mean(rec_hist[-50:])) if rec_hist else None, "data": data_info}
+            "recode_final_loss": float(np.mean(rec_hist[-50:])) if rec_hist else None,
+            "ordinary_final_loss": float(np.mean(ord_hist[-50:])) if ord_hist else None,
+            "first_chunk_final_loss": float(np.mean(first_hist[-50:])) if first_hist else None, "data": data_info,
+            "recipe": asdict(tune)}
     (work / "memory.json").write_text(json.dumps(info))
     return info
