@@ -39,6 +39,8 @@ def test_ablate_writes_rows_table_and_strip(tmp_path):
             assert np.isfinite(r[key]), key
         assert 0 <= r["memory_recall"] <= 1 and 0 <= r["subject_consistency"] <= 1
         assert 0 <= r["subject_drawn"] <= 1 and r["memory_recall"] <= r["subject_drawn"]   # recall needs a subject
+    assert rows["packed fifo"]["memory_recall_forced"] is None        # FIFO selection cannot be forced
+    assert 0 <= rows["no sink"]["memory_recall_forced"] <= 1
     assert "fifo" in rows["packed fifo"]["setting"] and "sink 0" in rows["no sink"]["setting"]
     # FIFO attends to the newest blocks, which the memory script leaves empty: it never selects the subject's
     assert rows["packed fifo"]["subject_blocks_selected"] == 0.0
@@ -74,6 +76,26 @@ def test_memory_trial_reports_which_mid_blocks_were_selected(monkeypatch):
             return torch.topk(masked, k).indices
         monkeypatch.setattr(C, "newest", oldest_k)
         assert MEM.run_trial(gen, trial, cache="packed", **script)["subject_selected"] == 1.0
+
+
+def test_forced_selection_attends_to_the_subjects_blocks_only_where_it_is_asked():
+    """The oracle of the memory test: with the subject's blocks forced in, every layer's selection holds them (top
+    2 of a bank where only 1 holds the subject: that one and one other); the next session selects on its own again,
+    and a cache without a mid bank refuses it in one error."""
+    import pytest
+
+    from packcache import Generator
+    gen = Generator.from_preset("tiny", device="cpu")        # sink 1, recent 1, top-2 of a 4-block bank
+    trial = MEM.trials(1, seed=2)[0]
+    script = dict(sink=1, seen=1, gap=3, probe=1)            # bank at the probe: chunks 1 (subject), 2, 3, 4
+    forced = MEM.run_trial(gen, trial, cache="packed", force_subject=True, **script)
+    assert forced["subject_selected"] == 0.5                 # each layer: the subject's block and one other
+    own = MEM.run_trial(gen, trial, cache="packed", **script)["subject_selected"]
+    assert own is not None and 0 <= own <= 0.5
+    s = gen.open(trial.prompt, seed=0, cache="window")
+    with pytest.raises(ValueError, match="packed cache"):
+        MEM.force_selection(s, {1})
+    s.close()
 
 
 def test_ablate_takes_a_bundle_and_refuses_a_missing_one_in_one_line(tmp_path, capsys):

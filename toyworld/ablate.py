@@ -10,7 +10,9 @@ sink, the compressor as `hr`, `lr` and `pool`, the sink + sliding `window`, and 
 
 * the memory test (`toyworld/memory.py`): a subject seen after the sink, gone for longer than the recent window,
   then a prompt that names no colour: `memory_recall` is the share of generated chunks in the subject's colour,
-  `subject_drawn` the share with any subject at all (a model that continues the empty gap recalls nothing either);
+  `subject_drawn` the share with any subject at all (a model that continues the empty gap recalls nothing either),
+  and for packed top-k rows `memory_recall_forced`, the same trials with the subject's blocks forced into the
+  selection (`memory.force_selection`): whether the model reads them, apart from whether top-k picks them;
 * the 120 s extrapolation (24x the 5 s training clips, as `toyworld.evaluate`): `subject_consistency` is colour and
   shape agreement with the first second, averaged over 10 s windows; K/V KiB, attended tokens per layer and
   seconds per chunk at the end of it;
@@ -99,6 +101,10 @@ def run_variant(gen, v: Variant, trials: list, probe: int, seconds: float, promp
     with applied(gen, v):
         mem = [MEM.run_trial(gen, t, cache=v.cache, sink=sink, gap=gap, probe=probe, seed=i)
                for i, t in enumerate(trials)]
+        # the same trials with the subject's blocks forced into the selection: does the model read them at all?
+        forced = ([MEM.run_trial(gen, t, cache=v.cache, sink=sink, gap=gap, probe=probe, seed=i, force_subject=True)
+                   for i, t in enumerate(trials)] if v.cache == "packed" and gen.preset.cache.selection == "topk"
+                  else None)
         t0 = time.perf_counter()
         long = long_run(gen, v.cache, seconds)
         windows = M.window_report(long["frames"], window_s=10.0)
@@ -115,6 +121,7 @@ def run_variant(gen, v: Variant, trials: list, probe: int, seconds: float, promp
         "setting": setting,
         "subject_consistency": float(np.mean([w["subject_consistency"] for w in windows])),
         "memory_recall": float(np.mean([m["recall"] for m in mem])),
+        "memory_recall_forced": float(np.mean([m["recall"] for m in forced])) if forced else None,
         "subject_drawn": float(np.mean([m["drawn"] for m in mem])),
         "subject_blocks_selected": _mean_or_none([m["subject_selected"] for m in mem]),
         "prompt_following": follow,
@@ -146,6 +153,7 @@ def strip_row(s: dict, probe_frames: int, every_s: float = 10.0, fps: int = 16, 
 
 
 COLUMNS = [("variant", "variant", ""), ("setting", "cache", ""), ("memory_recall", "memory recall", ".2f"),
+           ("memory_recall_forced", "recall, subject's blocks forced", ".2f"),
            ("subject_drawn", "probe chunks with a subject", ".2f"),
            ("subject_blocks_selected", "subject blocks selected", ".2f"),
            ("subject_consistency", "subject consistency", ".2f"), ("subject_last_10s", "subject, last 10 s", ".2f"),

@@ -111,12 +111,15 @@ def teacher_force(session, latents: torch.Tensor) -> np.ndarray:
 
 
 def run_trial(gen, trial: MemoryTrial, cache: str = "packed", sink: int = 2, seen: int = 3, gap: int = 3,
-              probe: int = 3, seed: int = 0) -> dict:
-    """One trial: teacher-force sink + seen + gap chunks, generate `probe` chunks; recall and the probe frames."""
+              probe: int = 3, seed: int = 0, force_subject: bool = False) -> dict:
+    """One trial: teacher-force sink + seen + gap chunks, generate `probe` chunks; recall and the probe frames.
+    `force_subject`: every layer attends to the subject's blocks instead of its top-k (`force_selection`)."""
     frames, shown = script_frames(gen, trial, sink, seen, gap)
     latents = encode_chunks(gen, frames, len(shown))
     s = gen.open(trial.prompt, seed=seed, cache=cache)
     subject_chunks = set(range(sink, sink + seen))
+    if force_subject:
+        force_selection(s, subject_chunks)
     out, picked = [], []
     try:
         for z in latents:
@@ -134,6 +137,26 @@ def run_trial(gen, trial: MemoryTrial, cache: str = "packed", sink: int = 2, see
             "frames": np.concatenate(out), "kv_bytes": stats.get("kv_bytes", 0),
             "attended_tokens": stats.get("attended_tokens", 0),
             "subject_selected": (sum(c in subject_chunks for c in picked) / len(picked)) if picked else None}
+
+
+def force_selection(session, chunk_ids: set[int]) -> None:
+    """Make the session's top-k selection take the mid blocks of `chunk_ids` first (then the others by importance).
+
+    An instrument, not a cache mode: recall with the subject's blocks forced in measures whether the model *reads*
+    them, apart from whether selection *picks* them (`subject_selected`). Replaces this session's
+    `BlockImportance.top_k` only; FIFO selection does not use it."""
+    cache = session.cache
+    importance = getattr(cache, "importance", None)
+    if importance is None or not getattr(cache, "compresses", False):
+        raise ValueError("forcing the selection needs a packed cache with top-k selection")
+    ranked = importance.top_k
+
+    def top_k(layer: int, k: int, valid: torch.Tensor) -> torch.Tensor:
+        ids = cache.mid_chunk_ids
+        wanted = [i for i in range(len(ids)) if bool(valid[i]) and int(ids[i]) in chunk_ids]
+        others = [int(i) for i in ranked(layer, int(valid.sum()), valid) if int(i) not in wanted]
+        return torch.tensor((wanted + others)[:k], dtype=torch.long)
+    importance.top_k = top_k
 
 
 def selected_mid_chunks(session) -> list[int]:
