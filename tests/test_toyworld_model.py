@@ -458,3 +458,23 @@ def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
     # run again with other training settings: the clips are reused, not encoded again
     again = with_one_thread(train_memory, p, tmp_path, 0, DiTRecipe(batch=2), replace(tune, steps=2, lr=1e-4))
     assert again["data"].get("reused") and again["steps"] == 2
+
+
+def test_memory_stage_settings_from_the_command_line(capsys, tmp_path):
+    """`--memory-set FIELD=VALUE` sets any MemoryRecipe field, typed as its default; an unknown field or a value
+    that does not parse is one usage error naming the fields, before any stage runs."""
+    import argparse
+
+    from toyworld.train import main, memory_recipe
+    from toyworld.train_memory import MemoryRecipe
+    tune = memory_recipe(MemoryRecipe(), 2400, ["first_share=0.2", "recode_share=0.2", "mid_shown=3"],
+                         argparse.ArgumentParser())
+    assert (tune.steps, tune.first_share, tune.recode_share, tune.mid_shown) == (2400, 0.2, 0.2, 3)
+    assert isinstance(tune.mid_shown, int) and tune.clips == MemoryRecipe().clips
+    for bad in ("nope=1", "first_share", "mid_shown=two"):
+        with pytest.raises(SystemExit) as e:
+            main(["--stages", "memory", "--memory-set", bad, "--work", str(tmp_path / "work")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--memory-set" in err and "Traceback" not in err
+        assert not (tmp_path / "work").exists()               # refused before any work

@@ -716,6 +716,23 @@ def vae_from_bundle(bundle: Path, work: Path) -> dict:
     return info
 
 
+def memory_recipe(base, steps: int | None, settings: list[str], ap: argparse.ArgumentParser):
+    """`base` with --memory-steps and each --memory-set FIELD=VALUE applied, typed as the field's default; a
+    setting that names no field or does not parse is one usage error."""
+    from dataclasses import fields, replace
+    known = {f.name: type(getattr(base, f.name)) for f in fields(base)}
+    changes = {} if steps is None else {"steps": steps}
+    for item in settings:
+        name, _, value = item.partition("=")
+        if name not in known or not value:
+            ap.error(f"--memory-set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(known)}")
+        try:
+            changes[name] = known[name](value)
+        except ValueError:
+            ap.error(f"--memory-set {item!r}: {value!r} is not a {known[name].__name__}")
+    return replace(base, **changes)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="safetensors file to write")
@@ -743,11 +760,16 @@ def main(argv=None):
                     help="HR compressor steps (its packed-view loss is flat from the start: 0.46 -> 0.48 over 500)")
     ap.add_argument("--memory-steps", type=int, default=None,
                     help="steps of the memory stage (default: MemoryRecipe.steps, toyworld/train_memory.py)")
+    ap.add_argument("--memory-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any other MemoryRecipe field of the memory stage, e.g. --memory-set first_share=0.2 "
+                         "(repeatable)")
     ap.add_argument("--sigma-levels", choices=("uniform", "shifted", "sampler"), default=DiTRecipe.sigma_levels,
                     help="noise levels the DiT and HR stages train at (see DiTRecipe)")
     ap.add_argument("--own-sigma", type=float, nargs=2, default=DiTRecipe.own_sigma, metavar=("LO", "HI"),
                     help="noise range of the own-prediction contexts (the sampler's last level lies inside)")
     args = ap.parse_args(argv)
+    from .train_memory import MemoryRecipe
+    memory_tune = memory_recipe(MemoryRecipe(), args.memory_steps, args.memory_set, ap)   # bad settings: before any work
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     set_threads(args.threads)
@@ -797,9 +819,8 @@ def main(argv=None):
         info = train_hr(preset, work, args.seed, steps=args.hr_steps, recipe=recipe, device=device)
         summary["hr"] = {k: v for k, v in info.items() if k != "history"}
     if "memory" in stages:
-        from .train_memory import MemoryRecipe, train_memory
-        tune = MemoryRecipe() if args.memory_steps is None else MemoryRecipe(steps=args.memory_steps)
-        summary["memory"] = train_memory(preset, work, args.seed, recipe, tune, device=device)
+        from .train_memory import train_memory
+        summary["memory"] = train_memory(preset, work, args.seed, recipe, memory_tune, device=device)
         logger.info("memory done in %.0fs: packed-view loss %.4f", summary["memory"]["wall_s"],
                     summary["memory"]["final_loss"])
     summary_path.write_text(json.dumps(summary, indent=2))

@@ -17,7 +17,10 @@ DiT does not learn to read the mid blocks (recall at chance even with the select
 with 768 clips and 1,600 steps it does (top-k 0.50 against FIFO 0.17 and the window 0.12) but stops binding colour
 words (prompt following 93% -> 47%) when none of the packed-view captions name the colour; naming it in 10% of them
 (the defaults) kept 93% with top-k 0.29 against 0.12 and 0.08, and lost subject consistency over 20 s (0.85 ->
-0.63). Not in the default recipe: that balance is not yet right, and the recipe lacks the ~27 minutes.
+0.63). Session 13 (same README, "what limits it"): `first_share` 0.2 keeps prompt following (94%) and subject
+consistency (0.75 vs 0.77) at 2,400 steps, and the model then recalls 0.38 with the subject's blocks forced into
+the selection, but top-k picks them in 30% of its selections (chance 60%) and recalls 0.15. Not in the default
+recipe: the selection is the limit now, and the recipe lacks the ~27-35 minutes.
 """
 
 from __future__ import annotations
