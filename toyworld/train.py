@@ -26,7 +26,7 @@ Stages (each saves its state under --work, so a stage can be re-run alone with -
 5. `memory` (optional, not in the default stages) the DiT on that same packed view with leave-and-return clips,
            loss where the subject returns, so that it reads the compressed mid blocks (`toyworld/train_memory.py`,
            `MemoryRecipe`; issue 13). Measured: recall through top-k above FIFO and the window in a pilot, at a
-           cost in prompt following, and ~27 minutes the 90-minute budget does not have.
+           cost in prompt following, and ~35 minutes the 90-minute budget does not have.
 
 Everything is written into one safetensors file with key prefixes `transformer.`, `vae.`, `compressor.`, plus a
 JSON sidecar (same stem) with the losses and wall times. Loss curves are saved as PNG in toyworld/curves/.

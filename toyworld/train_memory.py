@@ -19,8 +19,8 @@ words (prompt following 93% -> 47%) when none of the packed-view captions name t
 (the defaults) kept 93% with top-k 0.29 against 0.12 and 0.08, and lost subject consistency over 20 s (0.85 ->
 0.63). Session 13 (same README, "what limits it"): `first_share` 0.2 keeps prompt following (94%) and subject
 consistency (0.75 vs 0.77) at 2,400 steps, and the model then recalls 0.38 with the subject's blocks forced into
-the selection, but top-k picks them in 30% of its selections (chance 60%) and recalls 0.15. Not in the default
-recipe: the selection is the limit now, and the recipe lacks the ~27-35 minutes.
+the selection, but top-k picks them in 30% of its selections (chance 60%) and recalls 0.15; those are the defaults
+now. Not in the default recipe: the selection is the limit now, and the recipe lacks the ~35 minutes.
 """
 
 from __future__ import annotations
@@ -42,11 +42,13 @@ class MemoryRecipe:
     clips: int = 768                # leave-and-return clips of `chunks` chunks, encoded chunk by chunk
     chunks: int = 10                # sink 2 + seen <= 3 + gap <= 3 + back >= 2
     data_seed: int = 901
-    steps: int = 1600
+    steps: int = 2400               # session 13's pilot F: with first_share 0.2 and recode_share 0.2, prompt
+                                    # following 94% and subject consistency kept; the session-12 defaults (1,600
+                                    # steps, 30% recode, no first-chunk steps) lost a stream's subject (0.63)
     batch: int = 8
     lr: float = 5e-4
     warmup: int = 20
-    recode_share: float = 0.3       # ordinary recode steps among them (the rest of the behaviour kept)
+    recode_share: float = 0.2       # ordinary recode steps among them (the rest of the behaviour kept)
     subject_mid_prob: float = 1.0   # steps whose two mid blocks include one that holds the subject
     next_chunk_prob: float = 0.25   # steps whose loss is on the chunk after the return (the subject in recent too)
     # the packed-view steps' noise levels and foreground weight: what only memory can tell is decided at high noise
@@ -62,7 +64,7 @@ class MemoryRecipe:
                                     # their subject), so that reading the mid blocks is learnt for them too
     ordinary_clips: int = 192       # of the recode clips, those given LR tokens for the ordinary packed-view steps
     mid_shown: int = 2              # mid blocks in a packed-view step (inference attends to top-k of them)
-    first_share: float = 0.0        # steps on a batch of first chunks alone (the `first` stage's clips): the only
+    first_share: float = 0.2        # steps on a batch of first chunks alone (the `first` stage's clips): the only
                                     # chunk whose colour comes from the text alone, so colour words stay bound
     first_batch: int = 32
 
