@@ -448,14 +448,23 @@ def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
     model = CausalWanModel(p.transformer)
     hr = MidCompressor(replace(p.compressor, mode="hr"), model.dim, model.patch_embedding).hr
     torch.save({f"hr.{k}": v for k, v in hr.state_dict().items()}, tmp_path / "hr.pt")
+    from toyworld.train import TUNED_FILE, final_dit_file
+    start = torch.load(final_dit_file(tmp_path))
     info = with_one_thread(train_memory, p, tmp_path, 0, DiTRecipe(batch=2), tune)
     data = torch.load(tmp_path / "data_memory.pt")
     assert data["latents"].shape == (8, 16, 7 * p.cache.chunk_frames, 8, 8)
     assert data["lr_tokens"].shape[:2] == (8, 7) and len(data["shape"]) == len(data["scenes"]) == 8
     assert info["steps"] == 8 and np.isfinite(info["final_loss"]), info
     assert_stage_tuned_the_dit(tmp_path)
-    assert torch.load(tmp_path / "data_memory_ordinary.pt").shape[:2] == (3, 7)    # the recode clips' LR tokens
-    # run again with other training settings: the clips are reused, not encoded again
+    assert torch.load(tmp_path / "data_memory_ordinary.pt")["tokens"].shape[:2] == (3, 7)   # the recode clips' LR tokens
+    # the stage tuned the DiT's patch embedding, which the LR tokens depend on: a run from it encodes afresh
+    tuned = with_one_thread(train_memory, p, tmp_path, 0, DiTRecipe(batch=2), replace(tune, steps=2))
+    assert not tuned["data"].get("reused")
+    # run again from the same DiT with other training settings: the clips are reused, not encoded again (the first
+    # of these two runs re-encodes them under the start weights, which the run above replaced)
+    torch.save(start, tmp_path / TUNED_FILE)
+    with_one_thread(train_memory, p, tmp_path, 0, DiTRecipe(batch=2), replace(tune, steps=2))
+    torch.save(start, tmp_path / TUNED_FILE)
     again = with_one_thread(train_memory, p, tmp_path, 0, DiTRecipe(batch=2), replace(tune, steps=2, lr=1e-4))
     assert again["data"].get("reused") and again["steps"] == 2
 

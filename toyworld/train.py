@@ -560,6 +560,13 @@ def clip_loss(model, data: dict, idx: np.ndarray, text: torch.Tensor, preset, re
                     batch_fg.to(device), null_text)
 
 
+def first_chunk_loss(model, first: dict, idx: np.ndarray, text: torch.Tensor, preset, recipe: DiTRecipe,
+                     gen: torch.Generator, device: str = "cpu") -> torch.Tensor:
+    """The loss on first chunks alone (`make_first_chunk_dataset` clips `idx`): no context, the text is all."""
+    return dit_loss(model, first["latents"][idx].to(device), text.to(device), preset, recipe, gen, [0], 0,
+                    first["foreground"][idx].to(device))
+
+
 def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | None = None,
               device: str = "cpu", init: Path | None = None, out_name: str = DIT_FILE, name: str = "dit",
               warmup: int = 100, mix: ClipMix = ClipMix(), first: dict | None = None, first_share: float = 0.0,
@@ -597,8 +604,7 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
         if first_captions is not None and rng.random() < first_share:   # (no draw without: same stream as before)
             idx = rng.integers(0, len(first["scenes"]), size=first_batch)
             text, _ = first_captions(idx)
-            loss = dit_loss(model, first["latents"][idx].to(device), text.to(device), preset, recipe, gen, [0], 0,
-                            first["foreground"][idx].to(device))
+            loss = first_chunk_loss(model, first, idx, text, preset, recipe, gen, device)
             _step(model, opt, params, ema, recipe, step, loss)
             first_hist.append(loss.item())
         else:

@@ -68,9 +68,22 @@ class MemoryRecipe:
                                     # chunk whose colour comes from the text alone, so colour words stay bound
     first_batch: int = 32
 
-    def data_key(self, seed: int) -> dict:
-        """What decides the memory clips: a `data_memory.pt` made with the same key is reused."""
-        return {"clips": self.clips, "chunks": self.chunks, "seed": seed}
+    def data_key(self, seed: int, weights: str) -> dict:
+        """What decides the memory clips and their LR tokens (`weights`: `lr_token_weights`): a `data_memory.pt`
+        made with the same key is reused."""
+        return {"clips": self.clips, "chunks": self.chunks, "seed": seed, "weights": weights}
+
+
+def lr_token_weights(model, vae) -> str:
+    """Fingerprint of what LR-branch tokens depend on besides the clips: the VAE (decode, re-encode) and the DiT's
+    patch embedding, which every DiT stage trains. Stored LR tokens are reused only under the same fingerprint."""
+    import hashlib
+    h = hashlib.sha1()
+    for module in (model.patch_embedding, vae.vae):
+        for name, t in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def make_memory_dataset(preset, work: Path, seed: int, tune: MemoryRecipe, model, compressor, vae,
@@ -108,7 +121,8 @@ def make_memory_dataset(preset, work: Path, seed: int, tune: MemoryRecipe, model
         # (relative norm, 16 clips), so the decode stays although it is most of this stage's data time
         lr_tok = lr_tokens_for(preset, model, vae, compressor, latents.float().to(device), grid).half().cpu()
     data = {"latents": latents, "lr_tokens": lr_tok, "foreground": torch.stack(fg)[:tune.clips],
-            "scenes": scenes[:tune.clips], "shape": shape[:tune.clips], "key": tune.data_key(seed)}
+            "scenes": scenes[:tune.clips], "shape": shape[:tune.clips],
+            "key": tune.data_key(seed, lr_token_weights(model, vae))}
     torch.save(data, work / "data_memory.pt")
     return {"wall_s": time.time() - t0, "clips": tune.clips, "chunks": tune.chunks}
 
@@ -142,18 +156,20 @@ def ordinary_step_view(rng: np.random.Generator, sink: int, recent: int, chunks:
 
 def ordinary_lr_tokens(preset, work: Path, model, compressor, vae, rec: dict, clips: int, device: str) -> torch.Tensor:
     """LR-branch tokens of the first `clips` recode clips, kept in `data_memory_ordinary.pt` (reused for the same
-    count: the decode is most of their cost)."""
+    clips and weights: the decode is most of their cost)."""
     from packcache.compress import block_grid
 
     from .train_hr import lr_tokens_for
     path = work / "data_memory_ordinary.pt"
+    key = {"clips": clips, "latents_sum": float(rec["latents"][:clips].float().sum()),
+           "weights": lr_token_weights(model, vae)}
     if path.exists():
-        tok = torch.load(path)
-        if tok.shape[0] == clips:
-            return tok
+        kept = torch.load(path)
+        if kept["key"] == key:
+            return kept["tokens"]
     grid = block_grid(*model.token_grid(preset.cache.chunk_frames, preset.latent_height, preset.latent_width))
     tok = lr_tokens_for(preset, model, vae, compressor, rec["latents"][:clips].float().to(device), grid).half().cpu()
-    torch.save(tok, path)
+    torch.save({"tokens": tok, "key": key}, path)
     return tok
 
 
@@ -164,7 +180,7 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
 
     from .common import cosine_lr, progress, save_curve
     from .train import (TUNED_FILE, CaptionSampler, FirstChunkRecipe, RecodeRecipe, _step, build_model,
-                        clip_loss, dit_loss, final_dit_file, make_first_chunk_dataset)
+                        clip_loss, final_dit_file, first_chunk_loss, make_first_chunk_dataset)
     from .train_hr import packed_view_loss
     from .train_vae import load_vae
     if not (work / "hr.pt").exists() or not (work / "data_chunkwise.pt").exists():
@@ -180,7 +196,7 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
     model.eval()
     path = work / "data_memory.pt"
     old = torch.load(path) if path.exists() else {}
-    if old.get("key") == tune.data_key(seed + tune.data_seed):
+    if old.get("key") == tune.data_key(seed + tune.data_seed, lr_token_weights(model, vae)):
         data, data_info = old, {"wall_s": 0.0, "clips": tune.clips, "chunks": tune.chunks, "reused": True}
         logger.info("memory clips reused from %s", path)
     else:
@@ -241,8 +257,7 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
         elif u < tune.recode_share + tune.first_share:
             idx = rng.integers(0, len(first["scenes"]), size=tune.first_batch)
             text, _ = first_captions(idx)
-            loss = dit_loss(model, first["latents"][idx].to(device), text.to(device), preset, recipe, gen, [0], 0,
-                            first["foreground"][idx].to(device))
+            loss = first_chunk_loss(model, first, idx, text, preset, recipe, gen, device)
             first_hist.append(loss.item())
         elif u < tune.recode_share + tune.first_share + tune.ordinary_share:
             idx = rng.integers(0, n_ord, size=tune.batch)
