@@ -96,15 +96,37 @@ def load_start(path: str | Path, max_frames: int = 237):
         raise StartFramesError(f"--start {path.name}: not a picture Pillow can read ({e})") from None
 
 
-def write_mp4(path: Path, fps: int, width: int, height: int):
-    """An av output container + H.264 stream (yuv420p, playable everywhere)."""
-    import av
+class Mp4Writer:
+    """An H.264 (yuv420p, playable everywhere) .mp4 file written frame by frame.
 
-    container = av.open(str(path), mode="w")
-    stream = container.add_stream("libx264", rate=fps)
-    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    stream.options = {"crf": "18", "preset": "veryfast"}
-    return container, stream
+    The frames are reproducible (same seed, same frames, pipeline on or off); the file's bytes are not always:
+    PyAV's bundled libx264 has been seen to encode the same frames into slightly different first packets within a
+    long-lived process that ran torch before (tests/test_pipeline_server.py compares the frames handed to `write`).
+    """
+
+    def __init__(self, path: Path, fps: int, width: int, height: int):
+        import av
+
+        self._av = av
+        self.container = av.open(str(path), mode="w")
+        self.stream = self.container.add_stream("libx264", rate=fps)
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        self.stream.options = {"crf": "18", "preset": "veryfast"}
+        self.frames = 0
+
+    def write(self, frame) -> None:
+        """One uint8 (H, W, 3) RGB frame."""
+        for packet in self.stream.encode(self._av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            self.container.mux(packet)
+        self.frames += 1
+
+    def finish(self) -> None:
+        """Flush the encoder's delayed frames into the file (call once, after the last frame)."""
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        self.container.close()
 
 
 def build_generator(args):
@@ -136,7 +158,7 @@ def default_preset() -> str:
 
 
 def run(args) -> Path:
-    import av  # before building the model: fail early if missing
+    import av  # noqa: F401 - before building the model: fail early if missing
     from tqdm import tqdm
 
     out = check_args(args)
@@ -151,7 +173,7 @@ def run(args) -> Path:
     frames_needed = math.ceil(args.seconds * p.fps)
     switches = sorted(args.switch or [], key=lambda s: s.at_seconds)
     session = gen.open(args.prompt, seed=args.seed, cache=args.cache, start=start_frames)
-    container, stream = write_mp4(out, p.fps, p.width, p.height)
+    writer = Mp4Writer(out, p.fps, p.width, p.height)
 
     written = produced = 0                       # frames in the file / of the chunks submitted so far
     ahead = 1 if args.pipeline else 0            # chunks submitted beyond the one being written
@@ -169,17 +191,15 @@ def run(args) -> Path:
                     produced = session.stats()["frames"]
                 frames = submitted.popleft().result()
                 for frame in frames[: frames_needed - written]:
-                    for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                        container.mux(packet)
+                    writer.write(frame)
                     written += 1
                     bar.update(1)
                 st = session.stats()
                 bar.set_postfix(chunk=st["chunk_index"], rtf=f"{st['realtime_factor']:.2f}",
                                 kv=f"{st['kv_bytes'] / 2**20:.1f}MiB")
-        for packet in stream.encode():
-            container.mux(packet)
+        writer.finish()
     finally:
-        container.close()
+        writer.close()
         session.close()
         gen.close()
     elapsed = time.perf_counter() - start
