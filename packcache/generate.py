@@ -7,7 +7,8 @@
 
 Shows a progress bar per chunk; every user mistake ends in one line on stderr and exit code 2, never a traceback.
 With --pipeline (the default) chunk k+1 is submitted before chunk k's frames are written: its denoising runs here
-while chunk k decodes on the engine's side worker (`GenerationSession.submit_chunk`); the file is the same.
+while chunk k decodes on the engine's side worker (`GenerationSession.submit_chunk`); the frames are the same
+(`Mp4Writer` says why the file's bytes may still differ).
 """
 
 from __future__ import annotations
