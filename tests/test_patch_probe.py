@@ -48,3 +48,32 @@ def test_cli_refuses_unknown_or_missing_arms_in_one_line(tmp_path, capsys, argv)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: arms are") and "\n" not in err
     assert not (tmp_path / "w").exists()                                  # refused before any work
+
+
+@pytest.mark.parametrize("setting", ["no_such_field=1", "fg_weight=heavy", "fg_weight"])
+def test_cli_refuses_a_bad_recipe_setting_before_any_work(tmp_path, capsys, setting):
+    from toyworld.patch_probe import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--work", str(tmp_path / "w"), "train", "p2x", "--set", setting])
+    assert exc.value.code == 2
+    assert f"--set {setting!r}" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_halved_positions_put_four_patch1_tokens_around_their_patch2_token_and_are_undone():
+    import packcache.model as model_module
+    from toyworld.patch_probe import spatial_positions
+
+    before = model_module.grid_positions(1, 2, 2)
+    with spatial_positions("p1h"):
+        halved = model_module.grid_positions(1, 4, 4)                   # one frame, 4x4 patch-1 tokens
+    with spatial_positions("p1"):                                       # integer grid: unchanged
+        assert torch.equal(model_module.grid_positions(1, 2, 2), before)
+    assert torch.equal(model_module.grid_positions(1, 2, 2), before)    # restored on exit
+    coarse = before.reshape(2, 2, -1)[..., 1:]                          # (y, x) of the 2x2 patch-2 tokens
+    fine = halved.reshape(4, 4, -1)[..., 1:]
+    for y in range(4):
+        for x in range(4):
+            assert torch.allclose((fine[y, x] - coarse[y // 2, x // 2]).abs(), torch.tensor([0.25, 0.25],
+                                                                                          dtype=fine.dtype))

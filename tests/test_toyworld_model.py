@@ -474,9 +474,9 @@ def test_memory_stage_settings_from_the_command_line(capsys, tmp_path):
     that does not parse is one usage error naming the fields, before any stage runs."""
     import argparse
 
-    from toyworld.train import main, memory_recipe
+    from toyworld.train import main, recipe_with
     from toyworld.train_memory import MemoryRecipe
-    tune = memory_recipe(MemoryRecipe(), 2400, ["first_share=0.2", "recode_share=0.2", "mid_shown=3"],
+    tune = recipe_with(MemoryRecipe(), 2400, ["first_share=0.2", "recode_share=0.2", "mid_shown=3"],
                          argparse.ArgumentParser())
     assert (tune.steps, tune.first_share, tune.recode_share, tune.mid_shown) == (2400, 0.2, 0.2, 3)
     assert isinstance(tune.mid_shown, int) and tune.clips == MemoryRecipe().clips

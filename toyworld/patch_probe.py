@@ -5,19 +5,21 @@ shape and background come from the text alone.
     python -m toyworld.patch_probe --work DIR data                          # 1,536 first-chunk clips, ~2.5 min
     python -m toyworld.patch_probe --work DIR train p1 --steps 700          # arms, one torch thread each by default
     python -m toyworld.patch_probe --work DIR train p2 --steps 700
+    python -m toyworld.patch_probe --work DIR train p2bg --steps 700 --set fg_weight=0   # a loss setting
     python -m toyworld.patch_probe --work DIR eval shipped p1init p1 p2     # first 2 chunks of 68 prompts, a PNG
 
-Arms: `shipped` (the shipped DiT, untouched), `p1init` (the shipped DiT moved to patch 1x1x1 by
-`transfer_to_patch1`, untrained), and any trained arm: `p1*` names train the moved DiT, `p2*` names the shipped
-one, both on first chunks alone (the `first` stage's loss, batches of 32) from the same clips. Same steps isolates
-what the 4x tokens buy; a longer `p2` arm gives the shipped size the patch-1 arm's wall time. Positions stay on the
-integer token grid (a patch-1 token sits at 0..7, not 0..3): the moved DiT's learned RoPE distances are therefore
-twice as local at first, which the fine-tune has to relearn.
+Arms: `shipped` (the shipped DiT, untouched), `p1init` / `p1hinit` (the shipped DiT moved to patch 1x1x1 by
+`transfer_to_patch1`, untrained), and any trained arm: `p1*` names train the moved DiT (`p1h*`: with the spatial
+positions halved, `spatial_positions`), `p2*` names the shipped one, all on first chunks alone (the `first` stage's loss, batches of 32) from the same clips. Same steps isolates
+what the 4x tokens buy; a longer `p2` arm gives the shipped size the patch-1 arm's wall time. In `p1` arms the
+positions stay on the integer token grid (a patch-1 token sits at 0..7, not 0..3): the moved DiT's learned RoPE
+distances are twice as local at first, which the fine-tune has to relearn.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -59,6 +61,28 @@ def transfer_to_patch1(state: dict[str, torch.Tensor], prefix: str = "transforme
     return out
 
 
+@contextlib.contextmanager
+def spatial_positions(arm: str):
+    """`p1h*` arms: every chunk's token positions on a half-step spatial grid at cell centres (a patch-1 token sits at
+    its old patch-2 token's position +- 0.25), so the moved DiT starts with the shipped one's RoPE distances.
+    Probe-only: swaps `packcache.model`'s `grid_positions` for the duration (the engine has no such setting yet;
+    shipping it needs a `TransformerConfig` field used wherever positions are built, RETRAIN_PLAN.md)."""
+    if not arm.startswith("p1h"):
+        yield
+        return
+    import packcache.model as model_module
+    from packcache.rope import grid_positions
+
+    def halved(frames, height, width, t_offsets=None, spatial_stride=1.0):
+        return grid_positions(frames, height, width, t_offsets, spatial_stride * 0.5)
+
+    model_module.grid_positions = halved
+    try:
+        yield
+    finally:
+        model_module.grid_positions = grid_positions
+
+
 def shipped_bundle() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -88,17 +112,19 @@ def make_data(work: Path) -> dict:
     return T.make_first_chunk_dataset(get_preset("toy"), work, 1000 + T.FirstChunkRecipe().data_seed, FIRST_CLIPS)
 
 
-def train_arm(work: Path, arm: str, steps: int) -> dict:
-    """The `first` stage's loss alone (`first_share` 1, batch 32, lr 3e-4, cosine, EMA) from the arm's start."""
+def train_arm(work: Path, arm: str, steps: int, recipe=None) -> dict:
+    """The `first` stage's loss alone (`first_share` 1, batch 32, lr 3e-4, cosine, EMA) from the arm's start;
+    `recipe`: the DiTRecipe whose loss settings apply (default: the `dit` stage's)."""
     first = torch.load(work / "data_first.pt")
     folder = work / arm
     folder.mkdir(exist_ok=True)
     init = folder / "init.pt"
     torch.save(arm_init(arm, shipped_bundle()), init)
-    recipe = replace(T.DiTRecipe(), steps=steps, lr=T.FirstChunkRecipe().lr, drift_prob=0.0, roll_prob=0.0)
-    info = T.train_dit(arm_preset(arm), folder, 60, recipe, data=first, init=init, out_name="dit.pt", name=arm,
-                       warmup=T.FirstChunkRecipe().warmup, first=first, first_share=1.0,
-                       first_batch=T.FirstChunkRecipe().batch)
+    recipe = replace(recipe or T.DiTRecipe(), steps=steps, lr=T.FirstChunkRecipe().lr, drift_prob=0.0, roll_prob=0.0)
+    with spatial_positions(arm):
+        info = T.train_dit(arm_preset(arm), folder, 60, recipe, data=first, init=init, out_name="dit.pt", name=arm,
+                           warmup=T.FirstChunkRecipe().warmup, first=first, first_share=1.0,
+                           first_batch=T.FirstChunkRecipe().batch)
     return {k: v for k, v in info.items() if v == v}  # noqa: PLR0124 - drops the NaN clip losses (no clip steps)
 
 
@@ -126,7 +152,8 @@ def read_arm(work: Path, arm: str, bundle: dict) -> tuple[dict, list]:
     k = 0
     for prompts in S.prompt_sets(False).values():
         for p in prompts:
-            run, frames = S.run_prompt(gen, p, 400 + k, chunks=EVAL_CHUNKS, cache="window")
+            with spatial_positions(arm):
+                run, frames = S.run_prompt(gen, p, 400 + k, chunks=EVAL_CHUNKS, cache="window")
             runs.append(run)
             if len(shown) < STRIP_PROMPTS and k % 11 == 0:
                 shown.append((p, frames))
@@ -173,19 +200,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=("data", "train", "eval"))
     ap.add_argument("arms", nargs="*", help="train: one arm (p1..., p2...); eval: shipped, p1init and trained arms")
     ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="train: a DiTRecipe loss setting, e.g. --set fg_weight=0 or --set sigma_levels=shifted")
     args = ap.parse_args(argv)
+    recipe = T.recipe_with(T.DiTRecipe(), None, args.set, ap, option="--set")   # bad settings: before any work
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    bad = [a for a in args.arms if not (a in ("shipped", "p1init") or a[:2] in ("p1", "p2"))]
-    if bad or (args.command == "train" and (len(args.arms) != 1 or args.arms[0] in ("shipped", "p1init"))):
-        print(f"error: arms are shipped, p1init or names starting p1 / p2 (train: exactly one trained arm); "
+    untrained = ("shipped", "p1init", "p1hinit")
+    bad = [a for a in args.arms if not (a in untrained or a[:2] in ("p1", "p2"))]
+    if bad or (args.command == "train" and (len(args.arms) != 1 or args.arms[0] in untrained)):
+        print(f"error: arms are shipped, p1init, p1hinit or names starting p1 / p2 (train: exactly one trained arm); "
               f"got {' '.join(args.arms) or 'none'}", file=sys.stderr)
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
     if args.command == "data":
         print(json.dumps(make_data(args.work)))
     elif args.command == "train":
-        print(json.dumps(train_arm(args.work, args.arms[0], args.steps)))
+        print(json.dumps({**train_arm(args.work, args.arms[0], args.steps, recipe), "set": args.set}))
     else:
         bundle = shipped_bundle()
         rows, shown = [], {}

@@ -722,20 +722,21 @@ def vae_from_bundle(bundle: Path, work: Path) -> dict:
     return info
 
 
-def memory_recipe(base, steps: int | None, settings: list[str], ap: argparse.ArgumentParser):
-    """`base` with --memory-steps and each --memory-set FIELD=VALUE applied, typed as the field's default; a
-    setting that names no field or does not parse is one usage error."""
+def recipe_with(base, steps: int | None, settings: list[str], ap: argparse.ArgumentParser,
+                option: str = "--memory-set"):
+    """A recipe dataclass `base` with `steps` (None: its own) and each FIELD=VALUE of `option` applied, typed as the
+    field's default; a setting that names no field or does not parse is one usage error."""
     from dataclasses import fields, replace
     known = {f.name: type(getattr(base, f.name)) for f in fields(base)}
     changes = {} if steps is None else {"steps": steps}
     for item in settings:
         name, _, value = item.partition("=")
         if name not in known or not value:
-            ap.error(f"--memory-set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(known)}")
+            ap.error(f"{option} {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(known)}")
         try:
             changes[name] = known[name](value)
         except ValueError:
-            ap.error(f"--memory-set {item!r}: {value!r} is not a {known[name].__name__}")
+            ap.error(f"{option} {item!r}: {value!r} is not a {known[name].__name__}")
     return replace(base, **changes)
 
 
@@ -775,7 +776,7 @@ def main(argv=None):
                     help="noise range of the own-prediction contexts (the sampler's last level lies inside)")
     args = ap.parse_args(argv)
     from .train_memory import MemoryRecipe
-    memory_tune = memory_recipe(MemoryRecipe(), args.memory_steps, args.memory_set, ap)   # bad settings: before any work
+    memory_tune = recipe_with(MemoryRecipe(), args.memory_steps, args.memory_set, ap)   # bad settings: before any work
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     set_threads(args.threads)
