@@ -113,13 +113,11 @@ class Mp4Writer:
         self.stream = self.container.add_stream("libx264", rate=fps)
         self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
         self.stream.options = {"crf": "18", "preset": "veryfast"}
-        self.frames = 0
 
     def write(self, frame) -> None:
         """One uint8 (H, W, 3) RGB frame."""
         for packet in self.stream.encode(self._av.VideoFrame.from_ndarray(frame, format="rgb24")):
             self.container.mux(packet)
-        self.frames += 1
 
     def finish(self) -> None:
         """Flush the encoder's delayed frames into the file (call once, after the last frame)."""

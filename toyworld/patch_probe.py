@@ -83,12 +83,15 @@ def spatial_positions(arm: str):
         model_module.grid_positions = grid_positions
 
 
-def shipped_bundle() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def shipped_bundle_path() -> Path:
     from packcache.generator import shipped_weights_path
     from packcache.presets import get_preset
-    return load_file(str(shipped_weights_path(get_preset("toy").weights)))
+    return shipped_weights_path(get_preset("toy").weights)
+
+
+def shipped_bundle() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(shipped_bundle_path()))
 
 
 def arm_preset(arm: str):
@@ -106,9 +109,8 @@ def arm_init(arm: str, bundle: dict) -> dict[str, torch.Tensor]:
 
 
 def make_data(work: Path) -> dict:
-    from packcache.generator import shipped_weights_path
     from packcache.presets import get_preset
-    T.vae_from_bundle(shipped_weights_path("toy.safetensors"), work)
+    T.vae_from_bundle(shipped_bundle_path(), work)
     return T.make_first_chunk_dataset(get_preset("toy"), work, 1000 + T.FirstChunkRecipe().data_seed, FIRST_CLIPS)
 
 
@@ -149,15 +151,13 @@ def read_arm(work: Path, arm: str, bundle: dict) -> tuple[dict, list]:
     gen = arm_generator(work, arm, bundle)
     runs, shown = [], []
     start = time.perf_counter()
-    k = 0
-    for prompts in S.prompt_sets(False).values():
-        for p in prompts:
-            with spatial_positions(arm):
-                run, frames = S.run_prompt(gen, p, 400 + k, chunks=EVAL_CHUNKS, cache="window")
+    prompts = [p for ps in S.prompt_sets(False).values() for p in ps]
+    with spatial_positions(arm):
+        for k, p in enumerate(prompts):
+            run, frames = S.run_prompt(gen, p, 400 + k, chunks=EVAL_CHUNKS, cache="window")
             runs.append(run)
             if len(shown) < STRIP_PROMPTS and k % 11 == 0:
                 shown.append((p, frames))
-            k += 1
     gen.close()
     row = {"arm": arm, "prompts": len(runs), "eval_s": round(time.perf_counter() - start, 1)}
     for c in range(EVAL_CHUNKS):
