@@ -37,7 +37,7 @@ from .compress import MidCompressor, block_grid
 from .errors import PackCacheError, PresetError, PromptError, StartFramesError, WeightsError
 from .model import CausalWanModel, PromptContext
 from .pipeline import FinishWorker
-from .presets import Preset, get_preset
+from .presets import Preset, TransformerConfig, get_preset
 from .prompts import MAX_BLEND_CHUNKS, MAX_PROMPT_CHARS, validate_blend_chunks, validate_prompt  # noqa: F401
 from .rope import grid_positions
 from .sampler import FlowSampler
@@ -104,6 +104,10 @@ class Generator:
         device = device or default_device()
         dtype = dtype or _default_dtype(device)
         meta = str(device) == "meta"   # sizing only: shapes and cache bytes, nothing allocated
+        if preset.weights and not meta:
+            from dataclasses import replace
+            preset = replace(preset, transformer=bundle_transformer(shipped_weights_path(preset.weights),
+                                                                    preset.transformer))
         with torch.random.fork_rng(devices=[]), (torch.device("meta") if meta else contextlib.nullcontext()):
             torch.manual_seed(seed)
             model = CausalWanModel(preset.transformer)
@@ -719,6 +723,20 @@ def shipped_weights_path(name: str) -> Path:
     if not path.is_file():
         raise WeightsError(f"shipped weights missing: {path} (reinstall the package)")
     return path
+
+
+def bundle_transformer(path: Path, config: TransformerConfig) -> TransformerConfig:
+    """The DiT a bundle holds: `config`, with a spatial embedding over the bundle's table grid when it has one
+    (the bundle decides, so retrained toy weights with a table load where the old ones without load too)."""
+    from dataclasses import replace
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        if "transformer.spatial_embedding" not in f.keys():
+            return replace(config, spatial_embedding=None)
+        shape = f.get_slice("transformer.spatial_embedding").get_shape()
+    return replace(config, spatial_embedding=(int(shape[3]), int(shape[4])))
 
 
 def load_bundle(path: Path, model: CausalWanModel, vae: VideoVAE, compressor: MidCompressor) -> None:

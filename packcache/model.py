@@ -140,11 +140,49 @@ def block_causal_mask(num_frames: int, tokens_per_frame: int, chunk_frames: int)
     return chunk_of_token[:, None] >= chunk_of_token[None, :]
 
 
+def sincos_table(dim: int, rows: int, cols: int, scale: float = 0.3) -> torch.Tensor:
+    """(1, dim, 1, rows, cols): sines and cosines of the row and column index, the spatial embedding's start (a
+    learned table from distinct, smooth values, so the blocks can tell tokens apart from the first step)."""
+    quarter = dim // 4
+    freq = 1.0 / (10.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32),
+                            indexing="ij")
+    table = torch.cat([torch.sin(ys[..., None] * freq), torch.cos(ys[..., None] * freq),
+                       torch.sin(xs[..., None] * freq), torch.cos(xs[..., None] * freq)], dim=-1)
+    table = torch.nn.functional.pad(table, (0, dim - table.shape[-1]))
+    return (scale * table).permute(2, 0, 1)[None, :, None].contiguous()
+
+
+class PositionedPatchEmbedding:
+    """The patch embedding plus the spatial embedding table, as one callable: what turns latents into tokens,
+    for the DiT's chunks and for the compressor's pooled mid blocks alike (a coarser grid gets the table averaged
+    over the cells each of its tokens covers). Not a module: both parts are owned by the transformer."""
+
+    def __init__(self, conv: nn.Conv3d, table: torch.Tensor):
+        self.conv = conv
+        self.table = table
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.conv(latents)                                           # (B, dim, F, h, w)
+        table = self.table
+        if tuple(table.shape[3:]) != tuple(x.shape[3:]):
+            table = torch.nn.functional.adaptive_avg_pool3d(table, (1, *x.shape[3:]))
+        return x + table.to(x.dtype)
+
+
 class CausalWanModel(nn.Module):
     def __init__(self, config: TransformerConfig, transformer: WanTransformer3DModel | None = None):
         super().__init__()
         self.config = config
         self.transformer = transformer if transformer is not None else WanTransformer3DModel(**config.diffusers_kwargs())
+        if config.spatial_embedding is not None and not hasattr(self.transformer, "spatial_embedding"):
+            # registered on the transformer so its state dict, and the toy bundle's `transformer.` keys, carry it
+            self.transformer.register_parameter(
+                "spatial_embedding", nn.Parameter(sincos_table(config.dim, *config.spatial_embedding)))
         self.rope = Rope3D(config.attention_head_dim)
         for i, block in enumerate(self.transformer.blocks):
             block.attn1.set_processor(CausalSelfAttnProcessor(i, self.rope))
@@ -169,8 +207,11 @@ class CausalWanModel(nn.Module):
         return self.config.dim
 
     @property
-    def patch_embedding(self) -> nn.Conv3d:
-        return self.transformer.patch_embedding
+    def patch_embedding(self) -> nn.Conv3d | PositionedPatchEmbedding:
+        """Latents -> tokens (B, dim, F, h, w): the patch embedding, with the spatial embedding where there is one."""
+        table = getattr(self.transformer, "spatial_embedding", None)
+        conv = self.transformer.patch_embedding
+        return conv if table is None else PositionedPatchEmbedding(conv, table)
 
     def token_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         pt, ph, pw = self.config.patch_size
@@ -210,7 +251,7 @@ class CausalWanModel(nn.Module):
 
     # ---- passes ---------------------------------------------------------------------------------------------
     def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
-        x = self.transformer.patch_embedding(latents.to(self._dtype))   # (B, dim, F, h, w)
+        x = self.patch_embedding(latents.to(self._dtype))               # (B, dim, F, h, w)
         return x.flatten(2).transpose(1, 2).contiguous()                  # (B, N, dim)
 
     def _blocks(self, x: torch.Tensor, prompt, proj: torch.Tensor, plan: AttnPlan) -> torch.Tensor:

@@ -40,13 +40,20 @@ class TransformerConfig:
     cross_attn_norm: bool = True
     qk_norm: str = "rms_norm_across_heads"
     eps: float = 1e-6
+    # Ours, not diffusers': a learned table of absolute spatial positions (token rows, columns), added to every
+    # token after the patch embedding. Wan has none (RoPE is relative, so the DiT is translation-equivariant and
+    # its estimate from pure noise cannot put a background's stripes in place); the toy model uses one
+    # (toyworld/eval/RETRAIN_PLAN.md, session 15). None for real Wan weights.
+    spatial_embedding: tuple[int, int] | None = None
 
     @property
     def dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
     def diffusers_kwargs(self) -> dict:
-        return dataclasses.asdict(self)
+        kwargs = dataclasses.asdict(self)
+        kwargs.pop("spatial_embedding")
+        return kwargs
 
 
 @dataclass(frozen=True)

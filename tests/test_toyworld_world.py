@@ -166,3 +166,31 @@ def test_captions_can_leave_out_the_background_colour_as_the_memory_test_does():
     assert 10 < sum("blue" not in t and "navy" not in t for t in texts[1]) < 50
     default = CaptionSampler(p, stored, seed=0)
     assert all("blue" in t or "navy" in t for t in (default.text_for(1) for _ in range(30)))
+
+
+def test_a_placed_world_starts_one_subject_scenes_where_their_motion_starts():
+    """`placed`: the prompt decides the first chunk up to the motion's direction (eval/RETRAIN_PLAN.md, session 15):
+    one pattern period and angle, one size, and a one-subject clip starts at t=0 at its motion's start."""
+    from toyworld.world import WORLD_STYLES, positions
+
+    style = WORLD_STYLES["placed"]
+    world = World(5, style=style)
+    starts = {}
+    for _ in range(60):
+        frames, text, scene = world.sample(9, 64)
+        bg = scene.background
+        assert (bg.period, bg.angle) == (0.4, 0.0)
+        if len(scene.shapes) > 1:
+            continue
+        s = scene.shapes[0]
+        assert s.size == 0.22
+        x, y = positions(s, np.zeros(1))
+        starts.setdefault(s.motion, set()).add((round(float(x[0]), 3), round(float(y[0]), 3)))
+        ys, xs = np.nonzero(M.foreground(frames[:1])[0][0])
+        assert abs(xs.mean() + 0.5 - 64 * x[0]) < 2 and abs(ys.mean() + 0.5 - 64 * y[0]) < 2   # frame 0 is t=0
+    assert set(starts) == set(MOTIONS)
+    assert all(len(where) == 1 for where in starts.values()), starts          # one start per motion
+    assert starts["bounce"] == {(0.5, 0.5)} and starts["zigzag"] == {(0.5, 0.5)}
+    other = World(5)
+    varied = [other.sample(9, 64)[2] for _ in range(40)]
+    assert len({s.background.period for s in varied}) > 30 and len({s.shapes[0].size for s in varied}) > 30

@@ -96,12 +96,15 @@ def load_generator(weights: str | Path | None = None, cache_threads: int | None 
     import torch
 
     from packcache.compress import MidCompressor
-    from packcache.generator import load_bundle
+    from dataclasses import replace
+
+    from packcache.generator import bundle_transformer, load_bundle
     from packcache.model import CausalWanModel
     from packcache.presets import get_preset
     from packcache.text import build_text_encoder
     from packcache.vae import VideoVAE
     preset = get_preset("toy")
+    preset = replace(preset, transformer=bundle_transformer(Path(weights), preset.transformer))
     model = CausalWanModel(preset.transformer)
     vae = VideoVAE.build(preset.vae)
     comp = MidCompressor(preset.compressor, model.dim, model.patch_embedding, vae)

@@ -60,9 +60,40 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "packcache" / "weights" / "toy.safetensors"
 
 
-def toy_preset():
+@dataclass
+class Setup:
+    """What every stage of one work folder shares, fixed by its first run (`setup.json`): the world its clips come
+    from (`toyworld.world.WORLD_STYLES`) and whether the DiT has a spatial embedding
+    (`TransformerConfig.spatial_embedding`). A later `--stages` run without the options keeps them."""
+    world: str = "varied"
+    spatial_embedding: bool = False
+
+    @classmethod
+    def of(cls, work: Path) -> "Setup":
+        path = work / SETUP_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+
+    def save(self, work: Path) -> None:
+        (work / SETUP_FILE).write_text(json.dumps(self.__dict__))
+
+
+SETUP_FILE = "setup.json"
+
+
+def world_for(work: Path, seed: int) -> World:
+    from .world import WORLD_STYLES
+    return World(seed, style=WORLD_STYLES[Setup.of(work).world])
+
+
+def toy_preset(setup: Setup | None = None):
+    """The toy preset, its DiT with a spatial table over its token grid when `setup` asks for one."""
     from packcache.presets import get_preset
-    return get_preset("toy")
+    preset = get_preset("toy")
+    if setup is None or not setup.spatial_embedding:
+        return preset
+    _, ph, pw = preset.transformer.patch_size
+    grid = (preset.latent_height // ph, preset.latent_width // pw)
+    return replace(preset, transformer=replace(preset.transformer, spatial_embedding=grid))
 
 
 def set_threads(n: int | None):
@@ -113,7 +144,7 @@ def _encode_shard(args) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor
     from packcache.presets import get_preset
     preset = get_preset(preset_name)
     vae = load_vae(preset, Path(work), device=device)
-    world = World(seed)
+    world = world_for(Path(work), seed)
     drift_rng = np.random.default_rng(seed + 7)      # its own stream: the clips are those of the world seed alone
     lat, drifted, fg, scenes = [], [], [], []
     for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, f"data[{seed}]"):
@@ -178,7 +209,7 @@ def _encode_fresh_clips(preset, work: Path, seed: int, clips: int, batch: int, d
     time by `encode(vae, x)`: latents, foreground maps and scenes as `make_dataset` stores them, in `out_name`."""
     t0 = time.time()
     vae = load_vae(preset, work, device=device)
-    world = World(seed)
+    world = world_for(Path(work), seed)
     lat, fg, scenes = [], [], []
     for _ in progress(range(0, clips, batch), (clips + batch - 1) // batch, desc):
         xs = []
@@ -750,6 +781,12 @@ def main(argv=None):
                     help="without the vae stage, take the VAE from this bundle when the work folder has none "
                          "(default: the shipped weights)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--world", choices=("varied", "placed"), default=None,
+                    help="the world the clips come from (toyworld.world.WorldStyle; default: the work folder's, "
+                         "else varied)")
+    ap.add_argument("--spatial-embedding", action=argparse.BooleanOptionalAction, default=None,
+                    help="give the DiT a learned table of absolute token positions (default: the work folder's, "
+                         "else none)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2, or $TOYWORLD_THREADS)")
     ap.add_argument("--device", default=None, help="torch device to train on (default: cuda when there is one, else cpu)")
     ap.add_argument("--vae-steps", type=int, default=VAERecipe.steps)
@@ -780,11 +817,17 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     set_threads(args.threads)
-    preset = toy_preset()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     logger.info("training on %s", device)
     work = args.work or args.out.parent / "toy_train"
     work.mkdir(parents=True, exist_ok=True)
+    setup = Setup.of(work)
+    setup = replace(setup, world=args.world or setup.world,
+                    spatial_embedding=setup.spatial_embedding if args.spatial_embedding is None
+                    else args.spatial_embedding)
+    setup.save(work)
+    preset = toy_preset(setup)
+    logger.info("world %s, spatial embedding %s", setup.world, preset.transformer.spatial_embedding)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     for s in stages:
         if s not in STAGES:
@@ -833,6 +876,7 @@ def main(argv=None):
     summary_path.write_text(json.dumps(summary, indent=2))
     if "pack" in stages:
         summary["command"] = "python -m toyworld.train " + " ".join(argv if argv is not None else sys.argv[1:])
+        summary["setup"] = setup.__dict__
         summary["device"] = str(device)
         summary["this_run_wall_s"] = time.time() - t_all
         pack(preset, work, args.out, summary)

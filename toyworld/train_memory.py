@@ -76,13 +76,17 @@ class MemoryRecipe:
 
 def lr_token_weights(model, vae) -> str:
     """Fingerprint of what LR-branch tokens depend on besides the clips: the VAE (decode, re-encode) and the DiT's
-    patch embedding, which every DiT stage trains. Stored LR tokens are reused only under the same fingerprint."""
+    patch and spatial embeddings, which every DiT stage trains. Stored LR tokens are reused only under the same
+    fingerprint."""
     import hashlib
     h = hashlib.sha1()
-    for module in (model.patch_embedding, vae.vae):
+    for module in (model.transformer.patch_embedding, vae.vae):
         for name, t in sorted(module.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().float().cpu().numpy().tobytes())
+    table = getattr(model.transformer, "spatial_embedding", None)
+    if table is not None:
+        h.update(table.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -93,21 +97,22 @@ def make_memory_dataset(preset, work: Path, seed: int, tune: MemoryRecipe, model
     from packcache.compress import block_grid
 
     from .common import progress, to_tensor
-    from .train import chunk_bounds, encode_chunkwise, foreground_fraction, scene_to_dict
+    from .train import Setup, chunk_bounds, encode_chunkwise, foreground_fraction, scene_to_dict
     from .train_hr import lr_tokens_for
-    from .world import fit_return, leave_and_return, sample_scene
+    from .world import WORLD_STYLES, fit_return, leave_and_return, sample_scene
 
     t0 = time.time()
     bounds = chunk_bounds(preset, preset.chunk_video_frames(tune.chunks - 1)[1])
     sink = preset.cache.sink_chunks
     rng = np.random.default_rng(seed)
+    style = WORLD_STYLES[Setup.of(work).world]
     lat, fg, scenes, shape = [], [], [], []
     grid = block_grid(*model.token_grid(preset.cache.chunk_frames, preset.latent_height, preset.latent_width))
     with torch.no_grad():
         for _ in progress(range(0, tune.clips, 8), (tune.clips + 7) // 8, "data (memory clips)"):
             xs = []
             for _ in range(8):
-                scene = sample_scene(rng, max_shapes=1, single_shape_prob=1.0)
+                scene = sample_scene(rng, max_shapes=1, single_shape_prob=1.0, style=style)
                 start = int(rng.integers(0, 100_000))
                 seen, gap = fit_return(tune.chunks, sink, int(rng.integers(1, 4)), int(rng.integers(1, 4)))
                 frames = leave_and_return(scene, start, bounds, preset.height, sink, seen, gap)

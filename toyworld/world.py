@@ -57,6 +57,7 @@ SHAPES = ("circle", "square", "triangle")
 # token, so the DiT can place them; the pattern readers (`toyworld.metrics`) fit templates over the same range.
 SHAPE_SIZE_RANGE = (0.18, 0.25)
 PATTERN_PERIOD_RANGE = (0.3, 0.5)
+STRIPE_ANGLES = (0.0, math.pi / 2, math.pi / 4, -math.pi / 4)
 MOTIONS = ("bounce", "orbit", "drift", "zigzag")
 BACKGROUNDS = ("solid", "gradient", "stripes", "checker")
 
@@ -102,6 +103,28 @@ BG_COLOR_SYNONYMS = {
 
 
 @dataclass(frozen=True)
+class WorldStyle:
+    """What a caption leaves to chance. `varied` (the world the shipped model learned) draws pattern periods,
+    stripe angles and shape sizes at random and starts clips anywhere on a scene's timeline. `placed` fixes the
+    period (0.4), the angle (vertical stripes) and the size (0.22), and starts one-subject scenes at t=0 where
+    their motion starts (`placed_start`): the prompt then decides the first chunk up to the motion's direction,
+    which a DiT with a spatial embedding can draw in place from pure noise (eval/RETRAIN_PLAN.md, session 15)."""
+    periods: tuple[float, float] = PATTERN_PERIOD_RANGE
+    angles: tuple[float, ...] = STRIPE_ANGLES
+    sizes: tuple[float, float] = SHAPE_SIZE_RANGE
+    placed_start: bool = False
+
+
+WORLD_STYLES = {"varied": WorldStyle(), "placed": WorldStyle((0.4, 0.4), (0.0,), (0.22, 0.22), True)}
+VARIED = WORLD_STYLES["varied"]
+
+# Where a `placed` subject starts, by motion: bounce and zigzag at the centre, orbit at the top of its circle,
+# drift below the centre (its Lissajous at phase 0).
+_PLACED_MOTION = {"bounce": {"x0": 0.5, "y0": 0.5}, "zigzag": {"x0": 0.5, "y0": 0.5, "phase": 0.5},
+                  "orbit": {"radius": 0.22, "phase": -math.pi / 2}, "drift": {"phase": 0.0}}
+
+
+@dataclass(frozen=True)
 class Background:
     kind: str                     # one of BACKGROUNDS
     color: str                    # key of BACKGROUND_COLORS
@@ -134,14 +157,14 @@ class Scene:
 # ----------------------------------------------------------------------------------------------- sampling
 
 def sample_shape(rng: np.random.Generator, *, color: str | None = None, shape: str | None = None,
-                 motion: str | None = None, size: float | None = None) -> ShapeSpec:
+                 motion: str | None = None, size: float | None = None, style: WorldStyle = VARIED) -> ShapeSpec:
     speed = rng.uniform(0.25, 0.5)
     ang = rng.uniform(0, 2 * math.pi)
     return ShapeSpec(
         shape=shape or str(rng.choice(SHAPES)),
         color=color or str(rng.choice(list(SHAPE_COLORS))),
         motion=motion or str(rng.choice(MOTIONS)),
-        size=size if size is not None else float(rng.uniform(*SHAPE_SIZE_RANGE)),
+        size=size if size is not None else float(rng.uniform(*style.sizes)),
         x0=float(rng.uniform(0.25, 0.75)), y0=float(rng.uniform(0.25, 0.75)),
         vx=float(speed * math.cos(ang)), vy=float(speed * math.sin(ang)),
         radius=float(rng.uniform(0.15, 0.28)),
@@ -150,21 +173,30 @@ def sample_shape(rng: np.random.Generator, *, color: str | None = None, shape: s
     )
 
 
-def sample_background(rng: np.random.Generator, *, kind: str | None = None, color: str | None = None) -> Background:
+def sample_background(rng: np.random.Generator, *, kind: str | None = None, color: str | None = None,
+                      style: WorldStyle = VARIED) -> Background:
     return Background(
         kind=kind or str(rng.choice(BACKGROUNDS)),
         color=color or str(rng.choice(list(BACKGROUND_COLORS))),
-        angle=float(rng.choice([0.0, math.pi / 2, math.pi / 4, -math.pi / 4])),
-        period=float(rng.uniform(*PATTERN_PERIOD_RANGE)),
+        angle=float(rng.choice(list(style.angles))),
+        period=float(rng.uniform(*style.periods)),
     )
 
 
-def sample_scene(rng: np.random.Generator, max_shapes: int = 3, single_shape_prob: float = 0.9) -> Scene:
+def placed(shape: ShapeSpec) -> ShapeSpec:
+    """The shape with its motion started where a `placed` world starts it (`_PLACED_MOTION`)."""
+    return replace(shape, **_PLACED_MOTION[shape.motion])
+
+
+def sample_scene(rng: np.random.Generator, max_shapes: int = 3, single_shape_prob: float = 0.9,
+                 style: WorldStyle = VARIED) -> Scene:
     """A random scene. Shapes in one scene have distinct colours (so each caption names each colour once)."""
     n = 1 if rng.random() < single_shape_prob else int(rng.integers(2, max_shapes + 1))
     colors = rng.choice(list(SHAPE_COLORS), size=n, replace=False)
-    shapes = tuple(sample_shape(rng, color=str(c)) for c in colors)
-    return Scene(background=sample_background(rng), shapes=shapes)
+    shapes = tuple(sample_shape(rng, color=str(c), style=style) for c in colors)
+    if style.placed_start and n == 1:
+        shapes = (placed(shapes[0]),)
+    return Scene(background=sample_background(rng, style=style), shapes=shapes)
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -329,14 +361,21 @@ class ClipMix:
 class World:
     """An endless seeded stream of (frames, caption, scene) clips: `World(seed).sample(num_frames, size)`."""
 
-    def __init__(self, seed: int = 0, max_shapes: int = 3, single_shape_prob: float = 0.9):
+    def __init__(self, seed: int = 0, max_shapes: int = 3, single_shape_prob: float = 0.9,
+                 style: WorldStyle = VARIED):
         self.rng = np.random.default_rng(seed)
         self.max_shapes = max_shapes
         self.single_shape_prob = single_shape_prob
+        self.style = style
+
+    def _start(self, scene: Scene) -> int:
+        """Where on the scene's unbounded timeline a clip starts: anywhere, or at 0 for a placed one-subject scene."""
+        start = int(self.rng.integers(0, 100_000))
+        return 0 if self.style.placed_start and len(scene.shapes) == 1 else start
 
     def sample(self, num_frames: int = 81, size: int = 64, augment_caption: bool = True):
-        scene = sample_scene(self.rng, self.max_shapes, self.single_shape_prob)
-        start = int(self.rng.integers(0, 100_000))   # any point of the unbounded timeline
+        scene = sample_scene(self.rng, self.max_shapes, self.single_shape_prob, self.style)
+        start = self._start(scene)
         frames = render(scene, start=start, num_frames=num_frames, size=size)
         text = caption(scene, self.rng if augment_caption else None)
         return frames, text, scene
@@ -353,8 +392,8 @@ class World:
             still = np.concatenate([np.repeat(frames[:1], head, axis=0), frames[1:n_frames - head + 1]])
             return still, scene, "still"
         if u < mix.still_prob + mix.return_prob:
-            scene = sample_scene(self.rng, max_shapes=1, single_shape_prob=1.0)
-            start = int(self.rng.integers(0, 100_000))
+            scene = sample_scene(self.rng, max_shapes=1, single_shape_prob=1.0, style=self.style)
+            start = self._start(scene)
             n = len(chunk_bounds)
             lead = int(self.rng.integers(0, 3))
             seen = int(self.rng.integers(1, 4))
@@ -399,7 +438,8 @@ def single_shape_scene(color: str, shape: str = "circle", motion: str = "bounce"
 
 __all__ = [
     "FPS", "SHAPE_COLORS", "COLOR_HUES", "BACKGROUND_COLORS", "SHAPES", "MOTIONS", "BACKGROUNDS",
-    "SHAPE_SIZE_RANGE", "PATTERN_PERIOD_RANGE", "CLIP_KINDS", "ClipMix",
+    "SHAPE_SIZE_RANGE", "PATTERN_PERIOD_RANGE", "STRIPE_ANGLES", "CLIP_KINDS", "ClipMix", "WorldStyle",
+    "WORLD_STYLES", "VARIED", "placed",
     "Background", "ShapeSpec", "Scene", "World", "sample_scene", "sample_shape", "sample_background",
     "caption", "render", "positions", "single_shape_scene", "replace", "fit_return", "visible_chunks",
     "leave_and_return",
