@@ -77,3 +77,16 @@ def test_halved_positions_put_four_patch1_tokens_around_their_patch2_token_and_a
         for x in range(4):
             assert torch.allclose((fine[y, x] - coarse[y // 2, x // 2]).abs(), torch.tensor([0.25, 0.25],
                                                                                           dtype=fine.dtype))
+
+
+def test_an_arm_of_a_spatial_folder_starts_from_the_shipped_dit_and_a_fresh_table(tmp_path):
+    from toyworld import patch_probe as P
+    from toyworld import train as T
+    T.Setup(world="placed", spatial_embedding=True).save(tmp_path)
+    bundle = P.shipped_bundle()
+    state = P.arm_init("p2", bundle, tmp_path)
+    assert tuple(state["transformer.spatial_embedding"].shape[3:]) == (4, 4)
+    assert state["transformer.spatial_embedding"].abs().max() > 0
+    dit = {k: v for k, v in bundle.items() if k.startswith("transformer.")}
+    assert all(torch.equal(state[k], v) for k, v in dit.items())
+    assert set(P.arm_init("p2", bundle, tmp_path / "plain")) == set(dit)    # a folder without a setup: no table

@@ -7,6 +7,7 @@ shape and background come from the text alone.
     python -m toyworld.patch_probe --work DIR train p2 --steps 700
     python -m toyworld.patch_probe --work DIR train p2bg --steps 700 --set fg_weight=0   # a loss setting
     python -m toyworld.patch_probe --work DIR eval shipped p1init p1 p2     # first 2 chunks of 68 prompts, a PNG
+    python -m toyworld.patch_probe --work DIR2 data --world placed --spatial-embedding   # session 15's arms
 
 Arms: `shipped` (the shipped DiT, untouched), `p1init` / `p1hinit` (the shipped DiT moved to patch 1x1x1 by
 `transfer_to_patch1`, untrained), and any trained arm: `p1*` names train the moved DiT (`p1h*`: with the spatial
@@ -94,38 +95,43 @@ def shipped_bundle() -> dict[str, torch.Tensor]:
     return load_file(str(shipped_bundle_path()))
 
 
-def arm_preset(arm: str):
-    from packcache.presets import get_preset
-    toy = get_preset("toy")
+def arm_preset(arm: str, work: Path):
+    """The toy preset of the work folder's setup (`train.Setup`: a spatial embedding or not), at the arm's patch."""
+    toy = T.toy_preset(T.Setup.of(work))
     return patch1_preset(toy) if arm.startswith("p1") else replace(toy, name="toy-probe", weights=None)
 
 
-def arm_init(arm: str, bundle: dict) -> dict[str, torch.Tensor]:
+def arm_init(arm: str, bundle: dict, work: Path) -> dict[str, torch.Tensor]:
+    """The arm's start from the shipped DiT; a spatial table the shipped DiT lacks starts as the model builds it."""
     dit = {k: v for k, v in bundle.items() if k.startswith("transformer.")}
     state = transfer_to_patch1(dit) if arm.startswith("p1") else dit
-    model = T.build_model(arm_preset(arm), 0)
+    model = T.build_model(arm_preset(arm, work), 0)
+    table = "transformer.spatial_embedding"
+    if table in model.state_dict() and table not in state:
+        state[table] = model.state_dict()[table]
     model.load_state_dict(state)                     # strict: every key and shape of the arm's model
     return model.state_dict()
 
 
 def make_data(work: Path) -> dict:
-    from packcache.presets import get_preset
     T.vae_from_bundle(shipped_bundle_path(), work)
-    return T.make_first_chunk_dataset(get_preset("toy"), work, 1000 + T.FirstChunkRecipe().data_seed, FIRST_CLIPS)
+    return T.make_first_chunk_dataset(arm_preset("p2", work), work, 1000 + T.FirstChunkRecipe().data_seed,
+                                      FIRST_CLIPS)
 
 
-def train_arm(work: Path, arm: str, steps: int, recipe=None) -> dict:
-    """The `first` stage's loss alone (`first_share` 1, batch 32, lr 3e-4, cosine, EMA) from the arm's start;
-    `recipe`: the DiTRecipe whose loss settings apply (default: the `dit` stage's)."""
+def train_arm(work: Path, arm: str, steps: int, recipe=None, lr: float | None = None) -> dict:
+    """The `first` stage's loss alone (`first_share` 1, batch 32, lr 3e-4 unless `lr`, cosine, EMA) from the
+    arm's start; `recipe`: the DiTRecipe whose loss settings apply (default: the `dit` stage's)."""
     first = torch.load(work / "data_first.pt")
     folder = work / arm
     folder.mkdir(exist_ok=True)
     init = folder / "init.pt"
-    torch.save(arm_init(arm, shipped_bundle()), init)
-    recipe = replace(recipe or T.DiTRecipe(), steps=steps, lr=T.FirstChunkRecipe().lr, drift_prob=0.0, roll_prob=0.0)
+    torch.save(arm_init(arm, shipped_bundle(), work), init)
+    recipe = replace(recipe or T.DiTRecipe(), steps=steps, lr=lr or T.FirstChunkRecipe().lr, drift_prob=0.0,
+                     roll_prob=0.0)
     with spatial_positions(arm):
-        info = T.train_dit(arm_preset(arm), folder, 60, recipe, data=first, init=init, out_name="dit.pt", name=arm,
-                           warmup=T.FirstChunkRecipe().warmup, first=first, first_share=1.0,
+        info = T.train_dit(arm_preset(arm, work), folder, 60, recipe, data=first, init=init, out_name="dit.pt",
+                           name=arm, warmup=T.FirstChunkRecipe().warmup, first=first, first_share=1.0,
                            first_batch=T.FirstChunkRecipe().batch)
     return {k: v for k, v in info.items() if v == v}  # noqa: PLR0124 - drops the NaN clip losses (no clip steps)
 
@@ -136,12 +142,12 @@ def arm_generator(work: Path, arm: str, bundle: dict):
     from packcache.generator import Generator
     from packcache.presets import register_preset
     from packcache.weights import load_module_weights
-    preset = arm_preset(arm)
+    preset = arm_preset(arm, work)
     register_preset(preset)
     gen = Generator.from_preset(preset.name, compression="pool")
     load_module_weights(gen.vae.vae, {k[4:]: v for k, v in bundle.items() if k.startswith("vae.")}, "vae")
     trained = work / arm / "dit.pt"
-    gen.model.load_state_dict(torch.load(trained) if trained.exists() else arm_init(arm, bundle))
+    gen.model.load_state_dict(torch.load(trained) if trained.exists() else arm_init(arm, bundle, work))
     return gen
 
 
@@ -200,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=("data", "train", "eval"))
     ap.add_argument("arms", nargs="*", help="train: one arm (p1..., p2...); eval: shipped, p1init and trained arms")
     ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--lr", type=float, default=None, help="train: peak learning rate (default: the first stage's)")
+    ap.add_argument("--world", choices=("varied", "placed"), default=None,
+                    help="data: the world of the clips (toyworld.world.WorldStyle), kept in the work folder")
+    ap.add_argument("--spatial-embedding", action="store_true",
+                    help="data: every arm of this work folder gets a spatial embedding (shipped DiT + a new table)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="train: a DiTRecipe loss setting, e.g. --set fg_weight=0 or --set sigma_levels=shifted")
     args = ap.parse_args(argv)
@@ -214,9 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
     if args.command == "data":
+        T.Setup(world=args.world or "varied", spatial_embedding=args.spatial_embedding).save(args.work)
         print(json.dumps(make_data(args.work)))
     elif args.command == "train":
-        print(json.dumps({**train_arm(args.work, args.arms[0], args.steps, recipe), "set": args.set}))
+        info = train_arm(args.work, args.arms[0], args.steps, recipe, args.lr)
+        print(json.dumps({**info, "set": args.set, "lr": args.lr, "setup": T.Setup.of(args.work).__dict__}))
     else:
         bundle = shipped_bundle()
         rows, shown = [], {}
