@@ -95,3 +95,14 @@ def test_a_training_folder_keeps_its_world_and_table_across_runs(tmp_path):
     assert world_for(tmp_path, 0).style == WORLD_STYLES["placed"]
     assert toy_preset(Setup.of(tmp_path)).transformer.spatial_embedding == (4, 4)
     assert toy_preset().transformer.spatial_embedding is None
+
+
+def test_the_first_stage_takes_settings_and_refuses_bad_ones_before_any_work(tmp_path, capsys):
+    import pytest
+
+    from toyworld.train import main
+    with pytest.raises(SystemExit):
+        main(["--work", str(tmp_path), "--stages", "", "--first-set", "nope=1"])
+    assert "--first-set 'nope=1'" in capsys.readouterr().err
+    assert not (tmp_path / "setup.json").exists()
+    main(["--work", str(tmp_path), "--stages", "", "--first-set", "first_share=1", "--first-set", "lr=0.001"])

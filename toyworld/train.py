@@ -807,6 +807,9 @@ def main(argv=None):
     ap.add_argument("--memory-set", action="append", default=[], metavar="FIELD=VALUE",
                     help="any other MemoryRecipe field of the memory stage, e.g. --memory-set first_share=0.2 "
                          "(repeatable)")
+    ap.add_argument("--first-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a FirstChunkRecipe field of the first stage, e.g. --first-set first_share=1 (repeatable; "
+                         "session 15's lead: first_share=1 steps=700 lr=0.001, eval/RETRAIN_PLAN.md)")
     ap.add_argument("--sigma-levels", choices=("uniform", "shifted", "sampler"), default=DiTRecipe.sigma_levels,
                     help="noise levels the DiT and HR stages train at (see DiTRecipe)")
     ap.add_argument("--own-sigma", type=float, nargs=2, default=DiTRecipe.own_sigma, metavar=("LO", "HI"),
@@ -814,6 +817,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from .train_memory import MemoryRecipe
     memory_tune = recipe_with(MemoryRecipe(), args.memory_steps, args.memory_set, ap)   # bad settings: before any work
+    first_tune = recipe_with(FirstChunkRecipe(), None, args.first_set, ap, option="--first-set")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     set_threads(args.threads)
@@ -857,7 +861,7 @@ def main(argv=None):
         summary["recode"] = train_recode(preset, work, args.seed, recipe, RecodeRecipe(), device=device)
         logger.info("recode done in %.0fs: loss %.4f", summary["recode"]["wall_s"], summary["recode"]["final_loss"])
     if "first" in stages:
-        summary["first"] = train_first(preset, work, args.seed, recipe, FirstChunkRecipe(), device=device)
+        summary["first"] = train_first(preset, work, args.seed, recipe, first_tune, device=device)
         logger.info("first done in %.0fs: loss %.4f", summary["first"]["wall_s"], summary["first"]["final_loss"])
     if "drift" in stages:
         tune = DriftRecipe(steps=args.drift_steps, lr=args.drift_lr, drift_prob=args.drift_prob,
