@@ -369,11 +369,11 @@ def _pattern_templates(size: int) -> tuple[np.ndarray, np.ndarray]:
     """The world's own stripes (4 angles) and checkers at every period it draws (`PATTERN_PERIOD_RANGE` of the
     frame, step 0.005), as 0/1 maps: -> (templates (N, size, size), kind index (N,): 0 stripes, 1 checker)."""
     if size not in _PATTERN_TEMPLATES:
-        from .world import PATTERN_PERIOD_RANGE, Background, _background
+        from .world import PATTERN_PERIOD_RANGE, STRIPE_ANGLES, Background, _background
         maps, kinds = [], []
         lo, hi = PATTERN_PERIOD_RANGE
         for period in np.arange(lo, hi + 1e-4, 0.005):
-            for kind, angles in (("stripes", (0.0, np.pi / 2, np.pi / 4, -np.pi / 4)), ("checker", (0.0,))):
+            for kind, angles in (("stripes", STRIPE_ANGLES), ("checker", (0.0,))):
                 for ang in angles:
                     lum = _background(Background(kind, "gray", float(ang), float(period)), size).mean(-1)
                     maps.append(lum > lum.mean())

@@ -11,8 +11,9 @@ shape and background come from the text alone.
 
 Arms: `shipped` (the shipped DiT, untouched), `p1init` / `p1hinit` (the shipped DiT moved to patch 1x1x1 by
 `transfer_to_patch1`, untrained), and any trained arm: `p1*` names train the moved DiT (`p1h*`: with the spatial
-positions halved, `spatial_positions`), `p2*` names the shipped one, all on first chunks alone (the `first` stage's loss, batches of 32) from the same clips. Same steps isolates
-what the 4x tokens buy; a longer `p2` arm gives the shipped size the patch-1 arm's wall time. In `p1` arms the
+positions halved, `spatial_positions`), `p2*` names the shipped one, all on first chunks alone (the `first` stage's
+loss, batches of 32) from the same clips. Same steps isolates what the 4x tokens buy; a longer `p2` arm gives the
+shipped size the patch-1 arm's wall time. In `p1` arms the
 positions stay on the integer token grid (a patch-1 token sits at 0..7, not 0..3): the moved DiT's learned RoPE
 distances are twice as local at first, which the fine-tune has to relearn.
 """
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from . import train as T
+from .world import WORLD_STYLES
 
 log = logging.getLogger("toyworld.patch_probe")
 
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("arms", nargs="*", help="train: one arm (p1..., p2...); eval: shipped, p1init and trained arms")
     ap.add_argument("--steps", type=int, default=700)
     ap.add_argument("--lr", type=float, default=None, help="train: peak learning rate (default: the first stage's)")
-    ap.add_argument("--world", choices=("varied", "placed"), default=None,
+    ap.add_argument("--world", choices=tuple(WORLD_STYLES), default=None,
                     help="data: the world of the clips (toyworld.world.WorldStyle), kept in the work folder")
     ap.add_argument("--spatial-embedding", action="store_true",
                     help="data: every arm of this work folder gets a spatial embedding (shipped DiT + a new table)")

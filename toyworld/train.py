@@ -52,7 +52,7 @@ from .common import cosine_lr, noise_like, progress, save_curve, to_tensor
 from .drift import drift_colors
 from .metrics import foreground
 from .train_vae import VAERecipe, load_vae, train_vae
-from .world import ClipMix, World, caption, render, replace
+from .world import WORLD_STYLES, ClipMix, World, caption, render, replace
 
 logger = logging.getLogger("toyworld.train")
 
@@ -81,7 +81,6 @@ SETUP_FILE = "setup.json"
 
 
 def world_for(work: Path, seed: int) -> World:
-    from .world import WORLD_STYLES
     return World(seed, style=WORLD_STYLES[Setup.of(work).world])
 
 
@@ -781,7 +780,7 @@ def main(argv=None):
                     help="without the vae stage, take the VAE from this bundle when the work folder has none "
                          "(default: the shipped weights)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--world", choices=("varied", "placed"), default=None,
+    ap.add_argument("--world", choices=tuple(WORLD_STYLES), default=None,
                     help="the world the clips come from (toyworld.world.WorldStyle; default: the work folder's, "
                          "else varied)")
     ap.add_argument("--spatial-embedding", action=argparse.BooleanOptionalAction, default=None,
