@@ -101,12 +101,15 @@ def test_scene_eval_reads_rendered_chunks_as_right_and_draws_a_strip(tmp_path):
 
 
 def test_results_sections_split_by_stage_for_merge():
-    from toyworld.evaluate import split_sections
+    from toyworld.evaluate import join_sections, split_sections
     text = "# head\n\n## VAE alone: x\n\nrow\n\n## VAE alone on varied clips\n\n## Real time (64x64)\n\nt\n\n" \
            "## Prompt switch (`cut`)\n\n## Prompt switch (`recache`)\n\n## Extrapolation: 120 s\n### packed\n"
     parts = split_sections(text)
     assert list(parts) == ["vae", "rt", "switch", "long"]
     assert "varied clips" in parts["vae"] and "recache" in parts["switch"] and "### packed" in parts["long"]
+    once = join_sections("# head\n", parts)
+    assert join_sections("# head\n", split_sections(once)) == once        # merging again adds no blank lines
+    assert "\n\n\n" not in once and once.count("\n## ") == 6
 
 
 def test_retrain_probe_data_stats_read_the_training_world():

@@ -344,6 +344,13 @@ def split_sections(text: str) -> dict[str, str]:
     return {k: "\n".join(v) + "\n" for k, v in out.items()}
 
 
+def join_sections(header: str, sections: dict[str, str]) -> str:
+    """RESULTS.md from its header and stage sections: one blank line between sections, however often the file
+    has been merged into (a merge used to add one each time)."""
+    parts = [header.rstrip()] + [v.rstrip() for v in sections.values() if v.strip()]
+    return "\n\n".join(parts) + "\n"
+
+
 def _jsonable(x):
     if isinstance(x, np.ndarray):
         return x.tolist()
@@ -557,7 +564,7 @@ def main(argv=None):
             results = {**json.loads((args.out / "results.json").read_text()), **results}
         header = header.rstrip() + f" Merged into the previous results: only stages {', '.join(marks)} were rerun.\n"
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
-    (args.out / "RESULTS.md").write_text("\n".join([header] + [v for v in sections.values() if v]).rstrip() + "\n")
+    (args.out / "RESULTS.md").write_text(join_sections(header, sections))
     print(f"wrote {args.out / 'RESULTS.md'}")
 
 
