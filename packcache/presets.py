@@ -42,8 +42,9 @@ class TransformerConfig:
     eps: float = 1e-6
     # Ours, not diffusers': a learned table of absolute spatial positions (token rows, columns), added to every
     # token after the patch embedding. Wan has none (RoPE is relative, so the DiT is translation-equivariant and
-    # its estimate from pure noise cannot put a background's stripes in place); the toy model's retrain
-    # candidate has one (toyworld/eval/RETRAIN_PLAN.md, session 15). None for real Wan weights.
+    # its estimate from pure noise cannot put a background's stripes in place); the shipped toy bundle has one
+    # (since session 16; toyworld/eval/RETRAIN_PLAN.md), which `bundle_transformer` reads from the bundle's keys,
+    # so the preset itself says None. None for real Wan weights.
     spatial_embedding: tuple[int, int] | None = None
 
     @property

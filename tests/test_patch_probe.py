@@ -79,14 +79,20 @@ def test_halved_positions_put_four_patch1_tokens_around_their_patch2_token_and_a
                                                                                           dtype=fine.dtype))
 
 
-def test_an_arm_of_a_spatial_folder_starts_from_the_shipped_dit_and_a_fresh_table(tmp_path):
+def test_an_arm_starts_from_the_shipped_dit_with_its_table_or_a_fresh_one_or_none(tmp_path):
     from toyworld import patch_probe as P
     from toyworld import train as T
-    T.Setup(world="placed", spatial_embedding=True).save(tmp_path)
+    for name, setup in (("spatial", T.Setup(world="placed", spatial_embedding=True)),
+                        ("plain", T.Setup(world="varied", spatial_embedding=False))):
+        (tmp_path / name).mkdir()
+        setup.save(tmp_path / name)
     bundle = P.shipped_bundle()
-    state = P.arm_init("p2", bundle, tmp_path)
-    assert tuple(state["transformer.spatial_embedding"].shape[3:]) == (4, 4)
-    assert state["transformer.spatial_embedding"].abs().max() > 0
     dit = {k: v for k, v in bundle.items() if k.startswith("transformer.")}
+    table = "transformer.spatial_embedding"
+    assert tuple(dit[table].shape[3:]) == (4, 4)                        # the shipped DiT's own (session 16)
+    state = P.arm_init("p2", bundle, tmp_path / "spatial")
     assert all(torch.equal(state[k], v) for k, v in dit.items())
-    assert set(P.arm_init("p2", bundle, tmp_path / "plain")) == set(dit)    # a folder without a setup: no table
+    fresh = P.arm_init("p2", {k: v for k, v in bundle.items() if k != table}, tmp_path / "spatial")
+    assert fresh[table].shape == dit[table].shape and fresh[table].abs().max() > 0
+    assert not torch.equal(fresh[table], dit[table])
+    assert set(P.arm_init("p2", bundle, tmp_path / "plain")) == set(dit) - {table}     # an arm without a table

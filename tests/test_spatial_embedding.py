@@ -88,13 +88,14 @@ def test_a_training_folder_keeps_its_world_and_table_across_runs(tmp_path):
     from toyworld.train import Setup, main, toy_preset, world_for
     from toyworld.world import WORLD_STYLES
 
-    assert Setup.of(tmp_path) == Setup()
-    main(["--work", str(tmp_path), "--stages", "", "--world", "placed"])
-    main(["--work", str(tmp_path), "--stages", "", "--spatial-embedding"])     # a later run keeps the world
-    assert Setup.of(tmp_path) == Setup(world="placed", spatial_embedding=True)
-    assert world_for(tmp_path, 0).style == WORLD_STYLES["placed"]
-    assert toy_preset(Setup.of(tmp_path)).transformer.spatial_embedding == (4, 4)
-    assert toy_preset().transformer.spatial_embedding is None
+    assert Setup.of(tmp_path) == Setup(world="placed", spatial_embedding=True)    # the shipped model's
+    main(["--work", str(tmp_path), "--stages", "", "--world", "varied"])
+    main(["--work", str(tmp_path), "--stages", "", "--no-spatial-embedding"])     # a later run keeps the world
+    assert Setup.of(tmp_path) == Setup(world="varied", spatial_embedding=False)
+    assert world_for(tmp_path, 0).style == WORLD_STYLES["varied"]
+    assert toy_preset(Setup.of(tmp_path)).transformer.spatial_embedding is None
+    assert toy_preset(Setup()).transformer.spatial_embedding == (4, 4)
+    assert toy_preset().transformer.spatial_embedding is None                    # the preset as registered
 
 
 def test_the_first_stage_takes_settings_and_refuses_bad_ones_before_any_work(tmp_path, capsys):

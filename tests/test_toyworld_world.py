@@ -191,6 +191,9 @@ def test_a_placed_world_starts_one_subject_scenes_where_their_motion_starts():
     assert set(starts) == set(MOTIONS)
     assert all(len(where) == 1 for where in starts.values()), starts          # one start per motion
     assert starts["bounce"] == {(0.5, 0.5)} and starts["zigzag"] == {(0.5, 0.5)}
+    chosen = single_shape_scene("red", shape="square", motion="orbit", background="stripes", style=style)
+    assert (chosen.background.period, chosen.background.angle, chosen.shapes[0].size) == (0.4, 0.0, 0.22)
+    assert {tuple(round(float(v[0]), 3) for v in positions(chosen.shapes[0], np.zeros(1)))} == starts["orbit"]
     other = World(5)
     varied = [other.sample(9, 64)[2] for _ in range(40)]
     assert len({s.background.period for s in varied}) > 30 and len({s.shapes[0].size for s in varied}) > 30

@@ -104,13 +104,16 @@ def arm_preset(arm: str, work: Path):
 
 
 def arm_init(arm: str, bundle: dict, work: Path) -> dict[str, torch.Tensor]:
-    """The arm's start from the shipped DiT; a spatial table the shipped DiT lacks starts as the model builds it."""
+    """The arm's start from the shipped DiT. Its spatial table (since session 16) goes where the arm has none; an arm
+    with a table the bundle lacks, or one over another token grid (patch 1), starts it as the model builds it."""
     dit = {k: v for k, v in bundle.items() if k.startswith("transformer.")}
     state = transfer_to_patch1(dit) if arm.startswith("p1") else dit
     model = T.build_model(arm_preset(arm, work), 0)
-    table = "transformer.spatial_embedding"
-    if table in model.state_dict() and table not in state:
-        state[table] = model.state_dict()[table]
+    own, table = model.state_dict(), "transformer.spatial_embedding"
+    if table not in own:
+        state.pop(table, None)
+    elif table not in state or state[table].shape != own[table].shape:
+        state[table] = own[table]
     model.load_state_dict(state)                     # strict: every key and shape of the arm's model
     return model.state_dict()
 

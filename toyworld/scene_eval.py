@@ -16,7 +16,8 @@ import numpy as np
 
 from . import metrics as M
 from .scene_check import confusion, confusion_md
-from .world import BACKGROUND_COLORS, BACKGROUNDS, MOTIONS, SHAPE_COLORS, SHAPES, caption, render, single_shape_scene
+from .world import (BACKGROUND_COLORS, BACKGROUNDS, MOTIONS, SHAPE_COLORS, SHAPES, SHIPPED_WORLD, WORLD_STYLES, caption,
+                    render, single_shape_scene)
 
 CHUNKS = 8
 MOTION_CHUNKS = 4          # the motion word is read over 4 chunks (3 s): one chunk is too short (scene_check)
@@ -130,10 +131,11 @@ def strip(rows: list[tuple[str, np.ndarray, list[np.ndarray]]], path: Path, scal
 
 
 def truth_frame(prompt: str, seed: int = 0) -> np.ndarray:
-    """A rendered frame of the scene a prompt describes (the grammar read back by `metrics.prompt_scene`)."""
+    """A rendered frame of the scene a prompt describes (the grammar read back by `metrics.prompt_scene`), drawn
+    as the world the shipped model learned draws it."""
     w = M.prompt_scene(prompt)
     scene = single_shape_scene(w["color"], shape=w["shape"], motion=w["motion"], background=w["pattern"],
-                               bg_color=w["bg_color"], seed=seed)
+                               bg_color=w["bg_color"], seed=seed, style=WORLD_STYLES[SHIPPED_WORLD])
     return render(scene, 24, 1)[0]
 
 

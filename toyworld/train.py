@@ -52,7 +52,7 @@ from .common import cosine_lr, noise_like, progress, save_curve, to_tensor
 from .drift import drift_colors
 from .metrics import foreground
 from .train_vae import VAERecipe, load_vae, train_vae
-from .world import WORLD_STYLES, ClipMix, World, caption, render, replace
+from .world import SHIPPED_WORLD, WORLD_STYLES, ClipMix, World, caption, render, replace
 
 logger = logging.getLogger("toyworld.train")
 
@@ -65,8 +65,8 @@ class Setup:
     """What every stage of one work folder shares, fixed by its first run (`setup.json`): the world its clips come
     from (`toyworld.world.WORLD_STYLES`) and whether the DiT has a spatial embedding
     (`TransformerConfig.spatial_embedding`). A later `--stages` run without the options keeps them."""
-    world: str = "varied"
-    spatial_embedding: bool = False
+    world: str = SHIPPED_WORLD
+    spatial_embedding: bool = True
 
     @classmethod
     def of(cls, work: Path) -> "Setup":
@@ -254,7 +254,8 @@ def make_first_chunk_dataset(preset, work: Path, seed: int, clips: int, batch: i
 
 @dataclass
 class DiTRecipe:
-    steps: int = 3200                   # the whole recipe: ~86 min on the 2-core dev machine (toyworld/README.md)
+    steps: int = 2400                   # the whole recipe: ~53 min on the 2-core dev machine (toyworld/README.md);
+                                        #   3,200 until session 16, cut so the first stage could grow
     batch: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -295,23 +296,23 @@ class RecodeRecipe:
 
 @dataclass
 class FirstChunkRecipe:
-    """The `first` stage: the fine-tuned DiT trained mostly on first chunks alone, in bulk.
+    """The `first` stage: the fine-tuned DiT trained on first chunks alone, in bulk.
 
     The first chunk is the only one whose shape, background and subject count come from the text alone; later
     chunks copy their context, so what chunk 0 gets wrong the whole stream keeps. A first-chunk sample is 96 tokens
-    instead of a 7-chunk clip's 672 (0.78 s per batch of 32 against 1.08 s per batch of 8 clips, 2 cores), so the
+    instead of a 7-chunk clip's 672 (0.6 s per batch of 32 against ~0.8 s per batch of 8 clips, 2 cores), so the
     stage sees ~3x more first chunks per second than the `dit` stage does. `first_share` of the steps are such
-    batches from `clips` fresh 9-frame clips; the rest are ordinary `recode` steps on its clips and mix, so the
-    continuation (and issue 19's still starts) is not forgotten: at 0.8 one prompt switch in 10 took 3 chunks
-    instead of <= 2; at 0.6 all 10 hold (`toyworld.evaluate --only switch`). Pilot (session 9, 30 min, 8,192
-    clips): one subject 31 -> 46%, background colour 86 -> 100% on 12 prompts x 8 chunks (RETRAIN_PLAN.md); this
-    stage is its 7-minute version (420 s on 2 cores), what the 90-minute CPU budget leaves."""
+    batches from `clips` fresh 9-frame clips; the rest are ordinary `recode` steps on its clips and mix.
+    Session 10 shipped 480 steps at lr 3e-4 with a share of 0.6 (at 0.8 one prompt switch in 10 took 3 chunks);
+    with the `placed` world and the spatial table (session 15, eval/RETRAIN_PLAN.md) the shape and pattern come
+    from this stage, and all first chunks at lr 1e-3 for 700 steps took the pattern in whole streams from 5% to
+    48% and shape from 15% to 31% with all 20 switches still within 2 chunks (session 16: 414 s on 2 cores)."""
     clips: int = 1536
     data_seed: int = 777
-    steps: int = 480
-    first_share: float = 0.6
+    steps: int = 700
+    first_share: float = 1.0
     batch: int = 32
-    lr: float = 3e-4
+    lr: float = 1e-3
     warmup: int = 20
 
 
@@ -652,8 +653,9 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
     wall = time.time() - t0
     torch.save({k: v.cpu() for k, v in ema.items()}, work / out_name)
     save_curve(work / f"loss_{name}.png", curves(), f"causal DiT ({name})")
-    info = {"wall_s": wall, "steps": len(hist) + len(first_hist), "first_loss": float(np.mean(hist[:100])),
-            "final_loss": float(np.mean(hist[-100:]))}
+    reported = hist or first_hist           # a stage of first chunks alone (first_share 1) has no clip steps
+    info = {"wall_s": wall, "steps": len(hist) + len(first_hist), "first_loss": float(np.mean(reported[:100])),
+            "final_loss": float(np.mean(reported[-100:]))}
     if first_hist:
         info.update(first_chunk_steps=len(first_hist), first_chunk_first_loss=float(np.mean(first_hist[:100])),
                     first_chunk_final_loss=float(np.mean(first_hist[-100:])))
@@ -782,10 +784,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world", choices=tuple(WORLD_STYLES), default=None,
                     help="the world the clips come from (toyworld.world.WorldStyle; default: the work folder's, "
-                         "else varied)")
+                         "else placed)")
     ap.add_argument("--spatial-embedding", action=argparse.BooleanOptionalAction, default=None,
                     help="give the DiT a learned table of absolute token positions (default: the work folder's, "
-                         "else none)")
+                         "else yes)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2, or $TOYWORLD_THREADS)")
     ap.add_argument("--device", default=None, help="torch device to train on (default: cuda when there is one, else cpu)")
     ap.add_argument("--vae-steps", type=int, default=VAERecipe.steps)
@@ -807,8 +809,7 @@ def main(argv=None):
                     help="any other MemoryRecipe field of the memory stage, e.g. --memory-set first_share=0.2 "
                          "(repeatable)")
     ap.add_argument("--first-set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="a FirstChunkRecipe field of the first stage, e.g. --first-set first_share=1 (repeatable; "
-                         "session 15's lead: first_share=1 steps=700 lr=0.001, eval/RETRAIN_PLAN.md)")
+                    help="a FirstChunkRecipe field of the first stage, e.g. --first-set first_share=0.6 (repeatable)")
     ap.add_argument("--sigma-levels", choices=("uniform", "shifted", "sampler"), default=DiTRecipe.sigma_levels,
                     help="noise levels the DiT and HR stages train at (see DiTRecipe)")
     ap.add_argument("--own-sigma", type=float, nargs=2, default=DiTRecipe.own_sigma, metavar=("LO", "HI"),

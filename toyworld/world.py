@@ -104,11 +104,12 @@ BG_COLOR_SYNONYMS = {
 
 @dataclass(frozen=True)
 class WorldStyle:
-    """What a caption leaves to chance. `varied` (the world the shipped model learned) draws pattern periods,
-    stripe angles and shape sizes at random and starts clips anywhere on a scene's timeline. `placed` fixes the
-    period (0.4), the angle (vertical stripes) and the size (0.22), and starts one-subject scenes at t=0 where
-    their motion starts (`placed_start`): the prompt then decides the first chunk up to the motion's direction,
-    which a DiT with a spatial embedding can draw in place from pure noise (eval/RETRAIN_PLAN.md, session 15)."""
+    """What a caption leaves to chance. `varied` (the toy model's world until session 16) draws pattern
+    periods, stripe angles and shape sizes at random and starts clips anywhere on a scene's timeline. `placed`
+    (the shipped model's, `SHIPPED_WORLD`) fixes the period (0.4), the angle (vertical stripes) and the size
+    (0.22), and starts one-subject scenes at t=0 where their motion starts (`placed_start`): the prompt then
+    decides the first chunk up to the motion's direction, which a DiT with a spatial embedding can draw in place
+    from pure noise (eval/RETRAIN_PLAN.md, session 15)."""
     periods: tuple[float, float] = PATTERN_PERIOD_RANGE
     angles: tuple[float, ...] = STRIPE_ANGLES
     sizes: tuple[float, float] = SHAPE_SIZE_RANGE
@@ -117,6 +118,7 @@ class WorldStyle:
 
 WORLD_STYLES = {"varied": WorldStyle(), "placed": WorldStyle((0.4, 0.4), (0.0,), (0.22, 0.22), True)}
 VARIED = WORLD_STYLES["varied"]
+SHIPPED_WORLD = "placed"    # the world the shipped toy model learned (since session 16; `varied` before)
 
 # Where a `placed` subject starts, by motion: bounce and zigzag at the centre, orbit at the top of its circle,
 # drift below the centre (its Lissajous at phase 0).
@@ -429,17 +431,18 @@ def leave_and_return(scene: Scene, start: int, chunk_bounds: list[tuple[int, int
 
 
 def single_shape_scene(color: str, shape: str = "circle", motion: str = "bounce", background: str = "stripes",
-                       bg_color: str = "blue", seed: int = 0) -> Scene:
-    """A one-shape scene with chosen attributes (evaluation and tests)."""
+                       bg_color: str = "blue", seed: int = 0, style: WorldStyle = VARIED) -> Scene:
+    """A one-shape scene with chosen attributes (evaluation and tests), drawn as `style` draws it."""
     rng = np.random.default_rng(seed)
-    return Scene(background=sample_background(rng, kind=background, color=bg_color),
-                 shapes=(sample_shape(rng, color=color, shape=shape, motion=motion),))
+    subject = sample_shape(rng, color=color, shape=shape, motion=motion, style=style)
+    return Scene(background=sample_background(rng, kind=background, color=bg_color, style=style),
+                 shapes=(placed(subject) if style.placed_start else subject,))
 
 
 __all__ = [
     "FPS", "SHAPE_COLORS", "COLOR_HUES", "BACKGROUND_COLORS", "SHAPES", "MOTIONS", "BACKGROUNDS",
     "SHAPE_SIZE_RANGE", "PATTERN_PERIOD_RANGE", "STRIPE_ANGLES", "CLIP_KINDS", "ClipMix", "WorldStyle",
-    "WORLD_STYLES", "VARIED", "placed",
+    "WORLD_STYLES", "VARIED", "SHIPPED_WORLD", "placed",
     "Background", "ShapeSpec", "Scene", "World", "sample_scene", "sample_shape", "sample_background",
     "caption", "render", "positions", "single_shape_scene", "replace", "fit_return", "visible_chunks",
     "leave_and_return",
