@@ -197,3 +197,15 @@ def test_a_placed_world_starts_one_subject_scenes_where_their_motion_starts():
     other = World(5)
     varied = [other.sample(9, 64)[2] for _ in range(40)]
     assert len({s.background.period for s in varied}) > 30 and len({s.shapes[0].size for s in varied}) > 30
+
+
+def test_a_single_shape_scene_keeps_the_draws_of_its_seed():
+    """Evaluations and the memory test name their scenes by seed: the background is drawn before the subject, as
+    it always was, so a seed keeps its scene (placing the subject is after both draws)."""
+    from toyworld.world import Scene, sample_background, sample_shape
+
+    rng = np.random.default_rng(3)
+    want = Scene(background=sample_background(rng, kind="checker", color="gray"),
+                 shapes=(sample_shape(rng, color="red", shape="square", motion="drift"),))
+    assert single_shape_scene("red", shape="square", motion="drift", background="checker", bg_color="gray",
+                              seed=3) == want

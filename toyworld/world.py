@@ -434,9 +434,9 @@ def single_shape_scene(color: str, shape: str = "circle", motion: str = "bounce"
                        bg_color: str = "blue", seed: int = 0, style: WorldStyle = VARIED) -> Scene:
     """A one-shape scene with chosen attributes (evaluation and tests), drawn as `style` draws it."""
     rng = np.random.default_rng(seed)
+    back = sample_background(rng, kind=background, color=bg_color, style=style)   # first: the draws of old seeds
     subject = sample_shape(rng, color=color, shape=shape, motion=motion, style=style)
-    return Scene(background=sample_background(rng, kind=background, color=bg_color, style=style),
-                 shapes=(placed(subject) if style.placed_start else subject,))
+    return Scene(background=back, shapes=(placed(subject) if style.placed_start else subject,))
 
 
 __all__ = [
