@@ -15,8 +15,9 @@ Stages (each saves its state under --work, so a stage can be re-run alone with -
            positions under shapes weighted up, random context dropping (the packed/windowed contexts met beyond
            5 s) and mid-clip scene cuts (prompt switches).
    `recode` fine-tunes it on fresh clips encoded chunk by chunk (`RecodeRecipe`: more still starts and returns).
-   `first`  fine-tunes it mostly on first chunks alone, in bulk (`FirstChunkRecipe`): where the text alone decides
-           the scene.
+   `first`  fine-tunes it on first chunks alone, in bulk (`FirstChunkRecipe`): where the text alone decides the
+           scene. Since session 16 the clips come from the `placed` world and the DiT has a spatial table
+           (`Setup`; `--world varied --no-spatial-embedding` for the earlier model's).
    `drift` (optional, not in the default stages: measured, no gain with the shipped sampler) fine-tunes the DiT
            against the drift of long streams: contexts from colour-drifted copies of the clips, or from chunks the
            model sampled itself (`DriftRecipe`).
