@@ -811,6 +811,8 @@ def main(argv=None):
                          "(repeatable)")
     ap.add_argument("--first-set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a FirstChunkRecipe field of the first stage, e.g. --first-set first_share=0.6 (repeatable)")
+    ap.add_argument("--fg-weight", type=float, default=DiTRecipe.fg_weight,
+                    help="extra loss weight of latent positions under a shape in the DiT stages (see DiTRecipe)")
     ap.add_argument("--sigma-levels", choices=("uniform", "shifted", "sampler"), default=DiTRecipe.sigma_levels,
                     help="noise levels the DiT and HR stages train at (see DiTRecipe)")
     ap.add_argument("--own-sigma", type=float, nargs=2, default=DiTRecipe.own_sigma, metavar=("LO", "HI"),
@@ -841,7 +843,8 @@ def main(argv=None):
     summary = {st: {k: v for k, v in json.loads((work / f"{st}.json").read_text()).items() if k != "history"}
                for st in STAGES if (work / f"{st}.json").exists()}
     summary_path = work / "summary.json"
-    recipe = DiTRecipe(steps=args.dit_steps, sigma_levels=args.sigma_levels, own_sigma=tuple(args.own_sigma))
+    recipe = DiTRecipe(steps=args.dit_steps, sigma_levels=args.sigma_levels, own_sigma=tuple(args.own_sigma),
+                       fg_weight=args.fg_weight)
     t_all = time.time()
     if "vae" in stages:
         summary["vae"] = train_vae(preset, work, args.seed, VAERecipe(steps=args.vae_steps), device=device)
