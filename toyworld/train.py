@@ -255,7 +255,7 @@ def make_first_chunk_dataset(preset, work: Path, seed: int, clips: int, batch: i
 
 @dataclass
 class DiTRecipe:
-    steps: int = 2400                   # the whole recipe: ~53 min on the 2-core dev machine (toyworld/README.md);
+    steps: int = 2400                   # the whole recipe: ~60 min on the 2-core dev machine (toyworld/README.md);
                                         #   3,200 until session 16, cut so the first stage could grow
     batch: int = 8
     lr: float = 1e-3
@@ -306,11 +306,12 @@ class FirstChunkRecipe:
     batches from `clips` fresh 9-frame clips; the rest are ordinary `recode` steps on its clips and mix.
     Session 10 shipped 480 steps at lr 3e-4 with a share of 0.6 (at 0.8 one prompt switch in 10 took 3 chunks);
     with the `placed` world and the spatial table (session 15, eval/RETRAIN_PLAN.md) the shape and pattern come
-    from this stage, and all first chunks at lr 1e-3 for 700 steps took the pattern in whole streams from 5% to
-    48% and shape from 15% to 31% with all 20 switches still within 2 chunks (session 16: 414 s on 2 cores)."""
+    from this stage: all first chunks at lr 1e-3 for 700 steps took the pattern in whole streams from 5% to 48%
+    and shape from 15% to 31% with all 20 switches still within 2 chunks, and 1,400 steps (819 s on 2 cores) took
+    them further (eval/RETRAIN_PLAN.md, session 16; half clip steps instead cost shape in every later chunk)."""
     clips: int = 1536
     data_seed: int = 777
-    steps: int = 700
+    steps: int = 1400
     first_share: float = 1.0
     batch: int = 32
     lr: float = 1e-3
