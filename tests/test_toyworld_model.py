@@ -132,6 +132,52 @@ def test_a_few_vae_steps_reduce_the_reconstruction_loss():
     assert after < 0.7 * before
 
 
+def test_vae_tune_weighs_the_ring_around_a_subject_and_its_colour_error():
+    """The `vae_tune` stage's loss: the ring is background pixels next to the subject (none inside it, none far from
+    it); the chroma term is zero for an error of pure brightness and positive for a colour error."""
+    import numpy as np
+    from toyworld.common import to_tensor
+    from toyworld.train_vae import subject_rims
+    from toyworld.world import render, single_shape_scene
+    from scipy import ndimage
+    x = to_tensor(render(single_shape_scene("red", shape="square", background="solid", bg_color="gray"), 0, 1))[None]
+    fg, ring = subject_rims(x, 2)
+    f, r = fg[0, 0, 0].numpy() > 0, ring[0, 0, 0].numpy() > 0
+    assert f.sum() > 20 and r.sum() > 0 and not (f & r).any()
+    near = ndimage.binary_dilation(f, structure=np.ones((5, 5), bool))
+    assert (r == (near & ~f)).all()
+    chroma = lambda a: a - a.mean(1, keepdim=True)
+    torch.testing.assert_close(chroma(x + 0.1), chroma(x))
+    tint = x.clone()
+    tint[:, 1] += 0.1
+    assert (chroma(tint) - chroma(x)).abs().max() > 0.05
+
+
+def test_vae_tune_stage_rewrites_the_vae_and_keeps_the_untuned_one(tmp_path):
+    """Stage `vae_tune` on the shipped VAE, 2 steps: vae.pt changes, the untuned copy is kept byte for byte, the report
+    says what ran, and the folded latents stay unit-scale."""
+    import json
+    from toyworld.train import DEFAULT_OUT, toy_preset, vae_from_bundle
+    from toyworld.train_vae import VAETuneRecipe, tune_vae
+    from toyworld.world import World
+    if not DEFAULT_OUT.exists():
+        pytest.skip("no shipped weights")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    work = tmp_path / "w"
+    work.mkdir()
+    vae_from_bundle(DEFAULT_OUT, work)
+    before = (work / "vae.pt").read_bytes()
+    info = tune_vae(toy_preset(), work, 0, VAETuneRecipe(steps=2), World(1))
+    torch.set_num_threads(threads)
+    assert (work / "vae_untuned.pt").read_bytes() == before
+    old, new = torch.load(work / "vae_untuned.pt"), torch.load(work / "vae.pt")
+    assert any(not torch.equal(old[k], new[k]) for k in old)
+    assert json.loads((work / "vae_tune.json").read_text())["steps"] == info["steps"] == 2
+    assert all(abs(m) < 0.5 for m in info["latent_stats_before_fold"]["mean"])
+    assert all(0.5 < s < 2.0 for s in info["latent_stats_before_fold"]["std"])
+
+
 def test_training_noise_levels_follow_the_recipe():
     """`sampler` levels sit within the jitter of the 4 levels the sampler visits, each of them drawn; `uniform`
     levels spread over (0, 1)."""
@@ -185,6 +231,22 @@ def test_vae_ceiling_counts_chunks_by_index(gen):
     assert [r["chunk"] for r in rows] == [0, 1, 2]
     assert all(0 < r["clips"] <= 8 and 0 <= r["kept"] <= r["clips"] for r in rows)
     assert sum(r["kept"] for r in rows) >= 0.75 * sum(r["clips"] for r in rows)
+
+
+@needs_weights
+def test_vae_scene_ceiling_reads_every_pattern_and_shape(gen):
+    """`toyworld.evaluate.vae_scene_ceiling`: one row per background pattern and per shape, each over the chunks
+    whose rendered truth reads right; the shipped VAE keeps the textured patterns (stripes, checkers, gradients),
+    so the ceiling is a measurement, not a constant."""
+    from toyworld.evaluate import vae_scene_ceiling
+    from toyworld.world import BACKGROUNDS, SHAPES
+    c = vae_scene_ceiling(gen, clips_per_cell=1, chunks=1)
+    assert [r["pattern"] for r in c["by_pattern"]] == list(BACKGROUNDS)
+    assert [r["shape"] for r in c["by_shape"]] == list(SHAPES)
+    assert all(r["chunks"] == 3 for r in c["by_pattern"]) and all(r["chunks"] == 4 for r in c["by_shape"])
+    rows = {r["pattern"]: r for r in c["by_pattern"]}
+    assert min(rows[k]["pattern_right"] for k in ("stripes", "checker", "gradient")) >= 2 / 3
+    assert 0.0 < c["one_subject"] <= 1.0 and 0.0 <= c["shape"] <= 1.0
 
 
 def test_rollout_context_samples_only_the_chosen_chunks_causally():
@@ -289,13 +351,13 @@ def test_recipe_takes_the_vae_from_a_bundle_when_it_does_not_train_one(tmp_path)
     from toyworld.train import vae_from_bundle
     bundle = tmp_path / "b.safetensors"
     save_file({"vae.conv.weight": torch.arange(6.0).reshape(2, 3), "transformer.x": torch.zeros(2)}, str(bundle))
-    bundle.with_suffix(".json").write_text(json.dumps({"vae": {"steps": 7}}))
+    bundle.with_suffix(".json").write_text(json.dumps({"vae": {"steps": 7}, "vae_tune": {"steps": 3}}))
     work = tmp_path / "w"
     work.mkdir()
     info = vae_from_bundle(bundle, work)
     state = torch.load(work / "vae.pt")
     assert list(state) == ["conv.weight"] and torch.equal(state["conv.weight"], torch.arange(6.0).reshape(2, 3))
-    assert info["steps"] == 7 and info["from"].endswith("b.safetensors")
+    assert info["steps"] == 7 and info["tuned"] == {"steps": 3} and info["from"].endswith("b.safetensors")
     assert json.loads((work / "vae.json").read_text()) == info
     save_file({"transformer.x": torch.zeros(2)}, str(tmp_path / "novae.safetensors"))
     with pytest.raises(SystemExit, match="no vae"):

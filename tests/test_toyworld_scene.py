@@ -89,9 +89,9 @@ def test_scene_eval_reads_rendered_chunks_as_right_and_draws_a_strip(tmp_path):
     chunks = [frames[:9]] + [frames[9 + 12 * k:21 + 12 * k] for k in range(7)]
     run = {"prompt": prompt, "want": want, **E.read_chunks(chunks, want)}
     assert all(all(v) for v in run["hits"].values()), run["hits"]
-    assert run["motion_hits"] == [True, True] and run["one_subject_frames"] == 1.0
+    assert run["motion_hits"] == [True, True] and run["one_subject_frames"] == run["one_blob_frames"] == 1.0
     summary = E.summarize([run])
-    assert summary["shape"] == summary["pattern"] == summary["bg_color"] == 1.0
+    assert summary["shape"] == summary["pattern"] == summary["bg_color"] == summary["one_blob"] == 1.0
     assert summary["confusion"]["shape"]["square"]["square"] == 8
     path = tmp_path / "strip.png"
     E.strip([("square", E.truth_frame(prompt), chunks), ("again", E.truth_frame(prompt), chunks)], path)

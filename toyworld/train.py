@@ -6,6 +6,9 @@ Stages (each saves its state under --work, so a stage can be re-run alone with -
 
 1. `vae`   the small `AutoencoderKLWan` (Wan2.2 layout) on toy frames and 9-frame clips, by foreground-weighted MSE;
            the latent normalisation is then folded into its quant convs (`toyworld/train_vae.py`).
+   `vae_tune` (not in the default stages: the shipped bundle's VAE has had it) fine-tunes that VAE, encoder and
+           decoder, against the rims and ghosts that made the scene readers see two subjects where the truth has
+           one (`VAETuneRecipe`); the untuned copy stays in the work folder as vae_untuned.pt.
 2. `data`  encode 5-second clips (81 frames -> 21 latent frames = 7 chunks of 3) with the trained VAE; keep the
            scenes so captions can be re-drawn (augmented) at every step, and each latent position's foreground share.
 3. `dit`   the causal Wan DiT (packcache.model.CausalWanModel) by flow matching with teacher forcing: the sequence is
@@ -52,7 +55,7 @@ import torch.nn.functional as F
 from .common import cosine_lr, noise_like, progress, save_curve, to_tensor
 from .drift import drift_colors
 from .metrics import foreground
-from .train_vae import VAERecipe, load_vae, train_vae
+from .train_vae import VAERecipe, VAETuneRecipe, load_vae, train_vae, tune_vae
 from .world import SHIPPED_WORLD, WORLD_STYLES, ClipMix, World, caption, render, replace
 
 logger = logging.getLogger("toyworld.train")
@@ -732,11 +735,10 @@ def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
 
 # ===================================================================================================== main
 
-STAGES = ("vae", "data", "dit", "recode", "first", "drift", "hr", "memory", "pack")
-# `drift` and `memory` measured, not shipped (toyworld/README.md). `vae` is not in the default either: the shipped
-# VAE keeps every shape of the world's sizes and every background pattern (toyworld/eval/RETRAIN_PLAN.md), so the
-# recipe takes it from the shipped bundle (`--vae-from`) and spends its 90 CPU minutes on the DiT; `--stages vae,...`
-# retrains it.
+STAGES = ("vae", "vae_tune", "data", "dit", "recode", "first", "drift", "hr", "memory", "pack")
+# `drift` and `memory` measured, not shipped (toyworld/README.md). `vae` and `vae_tune` are not in the default
+# either: the recipe takes the VAE from the shipped bundle (`--vae-from`, tuned since session 17) and spends its 90
+# CPU minutes on the DiT; `--stages vae,vae_tune,...` retrains it (toyworld/eval/RETRAIN_PLAN.md).
 DEFAULT_STAGES = ("data", "dit", "recode", "first", "hr", "pack")
 
 
@@ -749,7 +751,8 @@ def vae_from_bundle(bundle: Path, work: Path) -> dict:
         raise SystemExit(f"{bundle} has no vae.* weights; train one with --stages vae,...")
     torch.save(state, work / "vae.pt")
     sidecar = bundle.with_suffix(".json")
-    trained = json.loads(sidecar.read_text()).get("vae", {}) if sidecar.exists() else {}
+    report = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    trained = {**report.get("vae", {}), **({"tuned": report["vae_tune"]} if "vae_tune" in report else {})}
     info = {**trained, "from": str(bundle.resolve().relative_to(ROOT) if bundle.resolve().is_relative_to(ROOT)
                                    else bundle)}
     (work / "vae.json").write_text(json.dumps(info))
@@ -850,9 +853,14 @@ def main(argv=None):
     if "vae" in stages:
         summary["vae"] = train_vae(preset, work, args.seed, VAERecipe(steps=args.vae_steps), device=device)
         logger.info("vae done in %.0fs: l1 %.4f", summary["vae"]["wall_s"], summary["vae"]["final_l1"])
-    elif not (work / "vae.pt").exists() and {"data", "recode", "first", "pack"} & set(stages):
+    elif not (work / "vae.pt").exists() and {"vae_tune", "data", "recode", "first", "pack"} & set(stages):
         summary["vae"] = vae_from_bundle(args.vae_from, work)
         logger.info("vae taken from %s", summary["vae"]["from"])
+    if "vae_tune" in stages:
+        summary["vae_tune"] = tune_vae(preset, work, args.seed, VAETuneRecipe(), world_for(work, args.seed + 7),
+                                       device=device)
+        logger.info("vae_tune done in %.0fs: chroma %.4f", summary["vae_tune"]["wall_s"],
+                    summary["vae_tune"]["final_chroma"])
     if "data" in stages:
         summary["data"] = make_dataset(preset, work, args.seed, args.clips, device=device,
                                        drifted_copies="drift" in stages)
