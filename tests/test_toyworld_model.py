@@ -132,6 +132,22 @@ def test_a_few_vae_steps_reduce_the_reconstruction_loss():
     assert after < 0.7 * before
 
 
+def test_vae_stage_runs_its_steps_and_writes_its_report(tmp_path):
+    """Stage `vae` through the loop it shares with `vae_tune` (`vae_steps`): every step logged into the history,
+    the weights, the curve and the report written, the latents folded to unit scale."""
+    import json
+    import math
+    from toyworld.train import toy_preset
+    from toyworld.train_vae import VAERecipe, train_vae
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    info = train_vae(toy_preset(), tmp_path, 0, VAERecipe(steps=2))
+    torch.set_num_threads(threads)
+    assert info["steps"] == 2 and math.isfinite(info["final_l1"]) and info["final_l1"] > 0
+    assert (tmp_path / "vae.pt").exists() and (tmp_path / "loss_vae.png").exists()
+    assert json.loads((tmp_path / "vae.json").read_text())["steps"] == 2
+
+
 def test_vae_tune_weighs_the_ring_around_a_subject_and_its_colour_error():
     """The `vae_tune` stage's loss: the ring is background pixels next to the subject (none inside it, none far from
     it); the chroma term is zero for an error of pure brightness and positive for a colour error."""

@@ -90,29 +90,11 @@ def tune_vae(preset, work: Path, seed: int, tune: VAETuneRecipe, world: World, d
     torch.manual_seed(seed + 5)
     vae = load_vae(preset, work, device=device).train().requires_grad_(True)
     (work / "vae_untuned.pt").write_bytes((work / "vae.pt").read_bytes())
-    opt = torch.optim.AdamW(vae.parameters(), lr=tune.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    hist: dict[str, list[float]] = {"weighted_mse": [], "chroma": []}
-    t0 = time.time()
-    for step in progress(range(tune.steps), tune.steps, "vae_tune"):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, tune.steps, tune.lr, warmup=50)
-        x = clip_batch(world, recipe.clip_batch, recipe.clip_frames, preset.height) if step % 2 == 0 else \
-            clip_batch(world, recipe.image_batch, 1, preset.height)
-        loss, parts = vae_tune_loss(vae, x.to(device), recipe, tune)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        for k, v in parts.items():
-            hist[k].append(v)
-        if step % 100 == 0:
-            logger.info("vae_tune step %d weighted mse %.4f chroma %.4f (%.0fs)", step, parts["weighted_mse"],
-                        parts["chroma"], time.time() - t0)
-    wall = time.time() - t0
+    hist, wall = vae_steps(vae, world, preset, recipe, tune.steps, tune.lr, 50,
+                           lambda v, x: vae_tune_loss(v, x, recipe, tune), "vae_tune", work / "loss_vae_tune.png", device)
     vae.eval().requires_grad_(False)
     stats = fold_normalisation(vae, World(seed + 2, style=world.style), preset)
     torch.save({k: v.cpu() for k, v in vae.state_dict().items()}, work / "vae.pt")
-    save_curve(work / "loss_vae_tune.png", hist, "VAE tune")
     info = {"wall_s": wall, "steps": tune.steps, "recipe": tune.__dict__,
             "final_weighted_mse": float(np.mean(hist["weighted_mse"][-100:])),
             "final_chroma": float(np.mean(hist["chroma"][-100:])), "latent_stats_before_fold": stats}
@@ -153,36 +135,44 @@ def vae_loss(vae, x: torch.Tensor, recipe: VAERecipe) -> tuple[torch.Tensor, dic
     return loss, {"weighted_mse": mse.item(), "l1": (rec - x).abs().mean().item()}
 
 
-def train_vae(preset, work: Path, seed: int, recipe: VAERecipe, device: str = "cpu") -> dict:
-    torch.manual_seed(seed)
-    world = World(seed + 1)
-    vae = build_vae(preset).to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    hist: dict[str, list[float]] = {"weighted_mse": [], "l1": []}
+def vae_steps(vae, world: World, preset, batch: VAERecipe, steps: int, lr: float, warmup: int, loss_fn, name: str,
+              curve: Path, device: str = "cpu") -> tuple[dict[str, list[float]], float]:
+    """The VAE stages' loop: AdamW on a cosine schedule, clips (`batch.clip_batch` x `clip_frames`) and single
+    frames (`image_batch`) on alternate steps, gradients clipped at 1, a log line and the curve every 100 steps.
+    `loss_fn(vae, x) -> (loss, parts)`. -> (each part per step, wall seconds)."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    hist: dict[str, list[float]] = {}
     t0 = time.time()
-    for step in progress(range(recipe.steps), recipe.steps, "vae"):
+    for step in progress(range(steps), steps, name):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, recipe.steps, recipe.lr, warmup=100)
+            g["lr"] = cosine_lr(step, steps, lr, warmup=warmup)
         if step % 2 == 0:
-            x = clip_batch(world, recipe.clip_batch, recipe.clip_frames, preset.height)
+            x = clip_batch(world, batch.clip_batch, batch.clip_frames, preset.height)
         else:
-            x = clip_batch(world, recipe.image_batch, 1, preset.height)
-        loss, parts = vae_loss(vae, x.to(device), recipe)
+            x = clip_batch(world, batch.image_batch, 1, preset.height)
+        loss, parts = loss_fn(vae, x.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         for k, v in parts.items():
-            hist[k].append(v)
-        if step % 100 == 0:
-            logger.info("vae step %d weighted mse %.4f l1 %.4f (%.0fs)", step, parts["weighted_mse"], parts["l1"],
+            hist.setdefault(k, []).append(v)
+        if step % 100 == 0 or step == steps - 1:
+            logger.info("%s step %d %s (%.0fs)", name, step, " ".join(f"{k} {v:.4f}" for k, v in parts.items()),
                         time.time() - t0)
-            save_curve(work / "loss_vae.png", hist, "VAE reconstruction")
-    wall = time.time() - t0
+            save_curve(curve, hist, name)
+    return hist, time.time() - t0
+
+
+def train_vae(preset, work: Path, seed: int, recipe: VAERecipe, device: str = "cpu") -> dict:
+    torch.manual_seed(seed)
+    world = World(seed + 1)
+    vae = build_vae(preset).to(device).train()
+    hist, wall = vae_steps(vae, world, preset, recipe, recipe.steps, recipe.lr, 100, lambda v, x: vae_loss(v, x, recipe),
+                           "vae", work / "loss_vae.png", device)
     vae.eval()
     stats = fold_normalisation(vae, World(seed + 2), preset)
     torch.save({k: v.cpu() for k, v in vae.state_dict().items()}, work / "vae.pt")
-    save_curve(work / "loss_vae.png", hist, "VAE reconstruction")
     info = {"wall_s": wall, "steps": recipe.steps, "final_l1": float(np.mean(hist["l1"][-100:])),
             "final_weighted_mse": float(np.mean(hist["weighted_mse"][-100:])), "latent_stats_before_fold": stats}
     (work / "vae.json").write_text(json.dumps(info))
