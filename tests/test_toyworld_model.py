@@ -448,7 +448,8 @@ def assert_stage_tuned_the_dit(path: Path) -> None:
 
 def test_first_stage_trains_first_chunks_alone_and_recode_clips(tmp_path):
     """`--stages first`: fresh 9-frame clips (one first stream chunk: 3 latent frames each), then the current DiT
-    fine-tuned on batches of them and on the `recode` stage's clips, into the tuned file `hr` and `pack` take;
+    fine-tuned on batches of them and on the `recode` stage's clips, in `passes` cycles, into the tuned file `hr`
+    and `pack` take;
     without the recode stage's clips it stops with one clear message."""
     from toyworld.train import DiTRecipe, FirstChunkRecipe, train_first
     p = dit_work_folder(tmp_path)
@@ -461,6 +462,7 @@ def test_first_stage_trains_first_chunks_alone_and_recode_clips(tmp_path):
     assert first["latents"].shape == (4, 16, p.cache.chunk_frames, 8, 8)
     assert first["foreground"].shape == (4, 3, 8, 8) and len(first["scenes"]) == 4
     assert info["steps"] == 6 and 0 < info["first_chunk_steps"] < 6, info
+    assert len(info["passes"]) == tune.passes == 2 and info["wall_s"] == sum(q["wall_s"] for q in info["passes"])
     assert np.isfinite(info["first_chunk_final_loss"]) and np.isfinite(info["final_loss"])
     assert_stage_tuned_the_dit(tmp_path)
 

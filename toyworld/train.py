@@ -311,10 +311,12 @@ class FirstChunkRecipe:
     with the `placed` world and the spatial table (session 15, eval/RETRAIN_PLAN.md) the shape and pattern come
     from this stage: all first chunks at lr 1e-3 for 700 steps took the pattern in whole streams from 5% to 48%
     and shape from 15% to 31% with all 20 switches still within 2 chunks, and 1,400 steps (819 s on 2 cores) took
-    them further (eval/RETRAIN_PLAN.md, session 16; half clip steps instead cost shape in every later chunk)."""
+    them further (eval/RETRAIN_PLAN.md, session 16; half clip steps instead cost shape in every later chunk), and a
+    second cycle of 1,400 (`passes`, session 17) further again (shape of the first chunk 63 -> 78%)."""
     clips: int = 1536
     data_seed: int = 777
     steps: int = 1400
+    passes: int = 2               # cosine cycles of `steps`; session 17's second pass: shape 42 -> 52%, squares 10 -> 37%
     first_share: float = 1.0
     batch: int = 32
     lr: float = 1e-3
@@ -690,11 +692,16 @@ def train_first(preset, work: Path, seed: int, recipe: DiTRecipe, tune: FirstChu
     data_info = make_first_chunk_dataset(preset, work, seed + tune.data_seed, tune.clips, device=device)
     logger.info("first-chunk data done in %.0fs", data_info["wall_s"])
     r = replace(recipe, steps=tune.steps, lr=tune.lr, drift_prob=0.0, roll_prob=0.0)
-    info = train_dit(preset, work, seed + 60, r, data=torch.load(work / "data_chunkwise.pt"), device=device,
-                     init=final_dit_file(work), out_name=TUNED_FILE, name="first", warmup=tune.warmup,
-                     mix=RecodeRecipe().mix, first=torch.load(work / "data_first.pt"), first_share=tune.first_share,
-                     first_batch=tune.batch)
-    return {**info, "data": data_info}
+    passes = []
+    for k in range(tune.passes):        # each pass a fresh cosine cycle from the previous one's weights, same draws
+        info = train_dit(preset, work, seed + 60, r, data=torch.load(work / "data_chunkwise.pt"), device=device,
+                         init=final_dit_file(work), out_name=TUNED_FILE, name="first", warmup=tune.warmup,
+                         mix=RecodeRecipe().mix, first=torch.load(work / "data_first.pt"),
+                         first_share=tune.first_share, first_batch=tune.batch)
+        passes.append({key: info[key] for key in ("wall_s", "first_loss", "final_loss") if key in info})
+        logger.info("first pass %d of %d: loss %.4f -> %.4f", k + 1, tune.passes, info["first_loss"],
+                    info["final_loss"])
+    return {**info, "wall_s": sum(p_["wall_s"] for p_ in passes), "passes": passes, "data": data_info}
 
 
 def train_drift(preset, work: Path, seed: int, recipe: DiTRecipe, tune: DriftRecipe, device: str = "cpu") -> dict:
