@@ -121,20 +121,25 @@ def md_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, sep] + body)
 
 
-def vae_roundtrip(gen) -> list[dict]:
-    """Does the VAE alone keep each colour? Encode and stream-decode a ground-truth clip per colour."""
+def vae_alone(gen, frames: np.ndarray) -> np.ndarray:
+    """Rendered frames (F, H, W, 3) uint8 through the generator's VAE alone (encode, then a stream decoder, as
+    every generated chunk is decoded) -> uint8 frames: what any DiT's output could at best look like."""
     import torch
 
     from packcache.vae import frames_to_uint8
 
     from .common import to_tensor
+    with torch.no_grad():
+        return frames_to_uint8(gen.vae.decode(gen.vae.encode(to_tensor(frames)[None])))[0]
+
+
+def vae_roundtrip(gen) -> list[dict]:
+    """Does the VAE alone keep each colour? Encode and stream-decode a ground-truth clip per colour."""
     from .world import SHAPE_COLORS, render, single_shape_scene
     rows = []
     for i, color in enumerate(SHAPE_COLORS):
         frames = render(single_shape_scene(color, shape="square", background="solid", bg_color="gray", seed=i), 0, 33, 64)
-        x = to_tensor(frames)[None]
-        with torch.no_grad():
-            out = frames_to_uint8(gen.vae.stream_decoder().decode(gen.vae.encode(x)))[0]
+        out = vae_alone(gen, frames)
         rows.append({"color": color, "decoded": str(M.dominant_color(out)),
                      "l1": float(np.abs(out.astype(np.float32) - frames.astype(np.float32)).mean() / 255)})
     return rows
@@ -145,11 +150,6 @@ def vae_ceiling(gen, clips_per_color: int = 3, chunks: int = 9, seed: int = 1) -
     shape, motion, background) as long as `chunks` stream chunks: a ceiling on prompt following at each chunk,
     since every generated chunk goes through the same decoder. The VAE trained on 9-frame clips; streams are
     longer. A chunk where the ground truth itself does not read as the colour is left out."""
-    import torch
-
-    from packcache.vae import frames_to_uint8
-
-    from .common import to_tensor
     from .world import (
         BACKGROUND_COLORS,
         BACKGROUNDS,
@@ -160,18 +160,16 @@ def vae_ceiling(gen, clips_per_color: int = 3, chunks: int = 9, seed: int = 1) -
         single_shape_scene,
     )
     rng = np.random.default_rng(seed)
-    t = gen.preset.cache.chunk_frames * 4                       # frames per chunk after the first (which has 9)
+    bounds = [gen.preset.chunk_video_frames(c) for c in range(chunks)]   # the stream's chunks (the first has 9)
     kept, total = np.zeros(chunks), np.zeros(chunks)
     for color in SHAPE_COLORS:
         for k in range(clips_per_color):
             scene = single_shape_scene(color, shape=str(rng.choice(SHAPES)), motion=str(rng.choice(MOTIONS)),
                                        background=str(rng.choice(BACKGROUNDS)),
                                        bg_color=str(rng.choice(list(BACKGROUND_COLORS))), seed=k)
-            frames = render(scene, start=int(rng.integers(1000)), num_frames=chunks * t - 3, size=64)
-            with torch.no_grad():
-                out = frames_to_uint8(gen.vae.decode(gen.vae.encode(to_tensor(frames)[None])))[0]
-            for c in range(chunks):
-                a, b = max(0, c * t - 3), (c + 1) * t - 3
+            frames = render(scene, start=int(rng.integers(1000)), num_frames=bounds[-1][1], size=64)
+            out = vae_alone(gen, frames)
+            for c, (a, b) in enumerate(bounds):
                 if M.dominant_color(frames[a:b]) == color:
                     total[c] += 1
                     kept[c] += M.dominant_color(out[a:b]) == color
@@ -184,11 +182,6 @@ def vae_scene_ceiling(gen, clips_per_cell: int = 2, chunks: int = 3, seed: int =
     of the shipped world, every background pattern x shape: a ceiling on the scene measures, since every
     generated chunk goes through the same decoder. -> {"by_pattern": rows, "by_shape": rows, overall shares}.
     A chunk counts only where the readers read the rendered truth right (they do on all, toyworld.scene_check)."""
-    import torch
-
-    from packcache.vae import frames_to_uint8
-
-    from .common import to_tensor
     from .world import (
         BACKGROUND_COLORS,
         BACKGROUNDS,
@@ -201,7 +194,7 @@ def vae_scene_ceiling(gen, clips_per_cell: int = 2, chunks: int = 3, seed: int =
         single_shape_scene,
     )
     rng = np.random.default_rng(seed)
-    t = gen.preset.cache.chunk_frames * 4
+    bounds = [gen.preset.chunk_video_frames(c) for c in range(chunks)]
     hits = {k: {"pattern": [], "shape": [], "one_subject": []} for k in (*BACKGROUNDS, *SHAPES)}
     for kind in BACKGROUNDS:
         for shape in SHAPES:
@@ -210,11 +203,9 @@ def vae_scene_ceiling(gen, clips_per_cell: int = 2, chunks: int = 3, seed: int =
                                            motion=str(rng.choice(MOTIONS)), background=kind,
                                            bg_color=str(rng.choice(list(BACKGROUND_COLORS))),
                                            seed=int(rng.integers(1 << 30)), style=WORLD_STYLES[SHIPPED_WORLD])
-                frames = render(scene, start=0, num_frames=chunks * t - 3, size=64)
-                with torch.no_grad():
-                    out = frames_to_uint8(gen.vae.decode(gen.vae.encode(to_tensor(frames)[None])))[0]
-                for c in range(chunks):
-                    a, b = max(0, c * t - 3), (c + 1) * t - 3
+                frames = render(scene, start=0, num_frames=bounds[-1][1], size=64)
+                out = vae_alone(gen, frames)
+                for a, b in bounds:
                     truth, read = M.scene_report(frames[a:b]), M.scene_report(out[a:b])
                     if truth["pattern"] == kind:
                         hits[kind]["pattern"].append(read["pattern"] == kind)

@@ -692,11 +692,11 @@ def train_first(preset, work: Path, seed: int, recipe: DiTRecipe, tune: FirstChu
     data_info = make_first_chunk_dataset(preset, work, seed + tune.data_seed, tune.clips, device=device)
     logger.info("first-chunk data done in %.0fs", data_info["wall_s"])
     r = replace(recipe, steps=tune.steps, lr=tune.lr, drift_prob=0.0, roll_prob=0.0)
+    clips, first = torch.load(work / "data_chunkwise.pt"), torch.load(work / "data_first.pt")   # read-only
     passes = []
     for k in range(tune.passes):        # each pass a fresh cosine cycle from the previous one's weights, same draws
-        info = train_dit(preset, work, seed + 60, r, data=torch.load(work / "data_chunkwise.pt"), device=device,
-                         init=final_dit_file(work), out_name=TUNED_FILE, name="first", warmup=tune.warmup,
-                         mix=RecodeRecipe().mix, first=torch.load(work / "data_first.pt"),
+        info = train_dit(preset, work, seed + 60, r, data=clips, device=device, init=final_dit_file(work),
+                         out_name=TUNED_FILE, name="first", warmup=tune.warmup, mix=RecodeRecipe().mix, first=first,
                          first_share=tune.first_share, first_batch=tune.batch)
         passes.append({key: info[key] for key in ("wall_s", "first_loss", "final_loss") if key in info})
         logger.info("first pass %d of %d: loss %.4f -> %.4f", k + 1, tune.passes, info["first_loss"],

@@ -70,9 +70,7 @@ def subject_rims(x: torch.Tensor, px: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def vae_tune_loss(vae, x: torch.Tensor, recipe: VAERecipe, tune: VAETuneRecipe) -> tuple[torch.Tensor, dict]:
     """`vae_loss` with the subject's ring weighted up, plus the chroma error weighted the same way."""
-    mu = vae.encode(x).latent_dist.mean
-    z = mu + recipe.latent_noise * mu.detach().std() * torch.randn_like(mu)
-    rec = decode_unclamped(vae, z)
+    mu, rec = reconstruct(vae, x, recipe)
     fg, ring = subject_rims(x, tune.rim_px)
     w = 1 + recipe.fg_weight * fg + tune.rim_weight * ring
     mse = ((rec - x).pow(2) * w).sum() / (w.sum() * 3)
@@ -125,10 +123,16 @@ def pixel_weights(x: torch.Tensor, fg_weight: float) -> torch.Tensor:
     return torch.from_numpy(1.0 + fg_weight * mask.astype(np.float32))[:, None].to(x.device)
 
 
-def vae_loss(vae, x: torch.Tensor, recipe: VAERecipe) -> tuple[torch.Tensor, dict]:
+def reconstruct(vae, x: torch.Tensor, recipe: VAERecipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE stages' pass: posterior mean, `latent_noise` of its spread added (the decoder learns to tolerate the
+    DiT's error), unclamped decode -> (latents, reconstruction)."""
     mu = vae.encode(x).latent_dist.mean
     z = mu + recipe.latent_noise * mu.detach().std() * torch.randn_like(mu)
-    rec = decode_unclamped(vae, z)
+    return mu, decode_unclamped(vae, z)
+
+
+def vae_loss(vae, x: torch.Tensor, recipe: VAERecipe) -> tuple[torch.Tensor, dict]:
+    mu, rec = reconstruct(vae, x, recipe)
     w = pixel_weights(x, recipe.fg_weight)
     mse = ((rec - x).pow(2) * w).sum() / (w.sum() * 3)
     loss = mse + recipe.latent_l2 * mu.pow(2).mean()
