@@ -194,6 +194,31 @@ def test_vae_tune_stage_rewrites_the_vae_and_keeps_the_untuned_one(tmp_path):
     assert all(0.5 < s < 2.0 for s in info["latent_stats_before_fold"]["std"])
 
 
+def test_vae_stream_stage_tunes_the_decoder_alone(tmp_path):
+    """Stage `vae_stream` on the shipped VAE, 2 steps of 2 stream-length clips: the decoder changes, the encoder and
+    quant conv (so the DiT's latents) stay bit for bit, the previous copy is kept, and the report says what ran."""
+    import json
+    from toyworld.train import DEFAULT_OUT, toy_preset, vae_from_bundle
+    from toyworld.train_vae import StreamDecoderRecipe, tune_stream_decoder
+    from toyworld.world import World
+    if not DEFAULT_OUT.exists():
+        pytest.skip("no shipped weights")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    work = tmp_path / "w"
+    work.mkdir()
+    vae_from_bundle(DEFAULT_OUT, work)
+    before = (work / "vae.pt").read_bytes()
+    info = tune_stream_decoder(toy_preset(), work, 0, StreamDecoderRecipe(steps=2, clip_batch=2, clip_frames=21),
+                               World(1))
+    torch.set_num_threads(threads)
+    assert (work / "vae_before_stream.pt").read_bytes() == before
+    old, new = torch.load(work / "vae_before_stream.pt"), torch.load(work / "vae.pt")
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert json.loads((work / "vae_stream.json").read_text())["steps"] == info["steps"] == 2
+
+
 def test_training_noise_levels_follow_the_recipe():
     """`sampler` levels sit within the jitter of the 4 levels the sampler visits, each of them drawn; `uniform`
     levels spread over (0, 1)."""
@@ -239,6 +264,27 @@ def test_evaluation_reports_prompt_following_by_chunk_index(gen):
 
 
 @needs_weights
+def test_scene_sweep_reads_each_spec_and_restores_the_sampler(gen, capsys):
+    """`toyworld.sampler_sweep --scene`: one row per guidance:shift:rescale spec with the scene readers' shares
+    (chunk 0 and the last chunk apart), the preset's own spec marked, and the generator's sampler as it was."""
+    from toyworld.sampler_sweep import SCENE_COLUMNS, grammar_prompts, main, scene_variants
+    shipped = gen.sampler
+    cfg = shipped.config
+    specs = [(cfg.guidance_scale, cfg.shift, cfg.guidance_rescale), (1.0, 5.0, 0.0)]
+    rows = scene_variants(gen, grammar_prompts(2), 2, specs)
+    assert gen.sampler is shipped
+    assert [r["shipped"] for r in rows] == ["yes", ""]
+    for r in rows:
+        assert set(k for k, _, _ in SCENE_COLUMNS) <= set(r)
+        for k in ("one_subject", "shape", "shape_first", "shape_last", "pattern", "bg_color", "color"):
+            assert 0.0 <= r[k] <= 1.0
+        assert r["shape"] == pytest.approx((r["shape_first"] + r["shape_last"]) / 2)   # two chunks
+        assert r["color"] > 0.0 and r["s_per_chunk"] > 0.0
+    with pytest.raises(SystemExit):
+        main(["--scene", "--specs", "3"])
+
+
+@needs_weights
 def test_vae_ceiling_counts_chunks_by_index(gen):
     """`toyworld.evaluate.vae_ceiling`: one row per chunk index over clips of every colour; the shipped VAE keeps
     most chunks' colour (an untrained one keeps none: its decoded frames have no bright foreground at all)."""
@@ -256,10 +302,12 @@ def test_vae_scene_ceiling_reads_every_pattern_and_shape(gen):
     so the ceiling is a measurement, not a constant."""
     from toyworld.evaluate import vae_scene_ceiling
     from toyworld.world import BACKGROUNDS, SHAPES
-    c = vae_scene_ceiling(gen, clips_per_cell=1, chunks=1)
+    c = vae_scene_ceiling(gen, clips_per_cell=1, chunks=2)
+    assert [r["chunk"] for r in c["by_chunk"]] == [0, 1]
+    assert c["by_chunk"][1]["shape_right"] >= 2 / 3     # a later chunk, decoded from the carried state, keeps shapes
     assert [r["pattern"] for r in c["by_pattern"]] == list(BACKGROUNDS)
     assert [r["shape"] for r in c["by_shape"]] == list(SHAPES)
-    assert all(r["chunks"] == 3 for r in c["by_pattern"]) and all(r["chunks"] == 4 for r in c["by_shape"])
+    assert all(r["chunks"] == 6 for r in c["by_pattern"]) and all(r["chunks"] == 8 for r in c["by_shape"])
     rows = {r["pattern"]: r for r in c["by_pattern"]}
     assert min(rows[k]["pattern_right"] for k in ("stripes", "checker", "gradient")) >= 2 / 3
     assert 0.0 < c["one_subject"] <= 1.0 and 0.0 <= c["shape"] <= 1.0
@@ -297,6 +345,33 @@ def test_rollout_context_samples_only_the_chosen_chunks_causally():
     torch.testing.assert_close(roll(changed)[:, :, 2 * T:4 * T], expected[:, :, 2 * T:4 * T])
     with pytest.raises(AssertionError):
         rollout_context(model, ctx, rows, text, null, p, torch.Generator(), first=0)
+    torch.set_num_threads(threads)
+
+
+def test_rollouts_skip_sequences_with_no_chunk_to_sample():
+    """With rollouts on, a first chunk alone (the `first` stage's batches) or a two-chunk run has nothing between
+    ground-truth chunk 0 and the learned chunk to sample: the loss is the plain one (it used to fail on the missing
+    empty-prompt embedding), and a longer run does sample."""
+    from dataclasses import replace as dc_replace
+
+    from toyworld.train import DiTRecipe, build_model, dit_loss, toy_preset
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    p = toy_preset()
+    T = p.cache.chunk_frames
+    torch.manual_seed(0)
+    lat = torch.randn(2, 16, 4 * T, p.latent_height, p.latent_width)
+    text = torch.randn(2, 8, p.text.dim)
+    model = build_model(p, 0)
+    plain, rolled = DiTRecipe(), dc_replace(DiTRecipe(), roll_prob=1.0)
+    for keep in ([0], [0, 1]):
+        a = dit_loss(model, lat, text, p, plain, torch.Generator().manual_seed(3), keep)
+        b = dit_loss(model, lat, text, p, rolled, torch.Generator().manual_seed(3), keep)
+        assert torch.isfinite(b) and torch.equal(a, b)
+    null = torch.randn(1, 8, p.text.dim)
+    a = dit_loss(model, lat, text, p, plain, torch.Generator().manual_seed(3), [0, 1, 2, 3])
+    b = dit_loss(model, lat, text, p, rolled, torch.Generator().manual_seed(3), [0, 1, 2, 3], null_text=null)
+    assert torch.isfinite(b) and not torch.equal(a, b)
     torch.set_num_threads(threads)
 
 
@@ -367,17 +442,32 @@ def test_recipe_takes_the_vae_from_a_bundle_when_it_does_not_train_one(tmp_path)
     from toyworld.train import vae_from_bundle
     bundle = tmp_path / "b.safetensors"
     save_file({"vae.conv.weight": torch.arange(6.0).reshape(2, 3), "transformer.x": torch.zeros(2)}, str(bundle))
-    bundle.with_suffix(".json").write_text(json.dumps({"vae": {"steps": 7}, "vae_tune": {"steps": 3}}))
+    bundle.with_suffix(".json").write_text(json.dumps({"vae": {"steps": 7}, "vae_tune": {"steps": 3},
+                                                       "vae_stream": {"steps": 4}}))
     work = tmp_path / "w"
     work.mkdir()
     info = vae_from_bundle(bundle, work)
     state = torch.load(work / "vae.pt")
     assert list(state) == ["conv.weight"] and torch.equal(state["conv.weight"], torch.arange(6.0).reshape(2, 3))
-    assert info["steps"] == 7 and info["tuned"] == {"steps": 3} and info["from"].endswith("b.safetensors")
+    assert info["steps"] == 7 and info["tuned"] == {"steps": 3} and info["stream_decoder"] == {"steps": 4}
+    assert info["from"].endswith("b.safetensors")
     assert json.loads((work / "vae.json").read_text()) == info
     save_file({"transformer.x": torch.zeros(2)}, str(tmp_path / "novae.safetensors"))
     with pytest.raises(SystemExit, match="no vae"):
         vae_from_bundle(tmp_path / "novae.safetensors", work)
+
+
+def test_vae_tuning_stages_warn_when_the_vae_has_had_them():
+    """`--stages vae_tune` / `vae_stream` on a VAE that already had them (the bundle's report says so, or this work
+    folder ran them) is named in a warning; with the `vae` stage (a fresh VAE) or on an untuned one it is not."""
+    from toyworld.train import vae_retune_warnings
+    bundle = {"vae": {"steps": 7, "tuned": {}, "stream_decoder": {}, "from": "packcache/weights/toy.safetensors"}}
+    lines = vae_retune_warnings(["vae_tune", "vae_stream", "pack"], bundle)
+    assert [line.split(":")[0] for line in lines] == ["vae_tune", "vae_stream"]
+    assert "toy.safetensors" in lines[0]
+    assert vae_retune_warnings(["vae", "vae_tune", "vae_stream"], bundle) == []
+    assert vae_retune_warnings(["vae_stream"], {"vae": {"steps": 7}}) == []
+    assert len(vae_retune_warnings(["vae_stream"], {"vae": {"steps": 7}, "vae_stream": {"steps": 400}})) == 1
 
 
 def test_recode_stage_draws_its_clips_from_its_own_mix(tmp_path):
@@ -462,7 +552,7 @@ def test_first_stage_trains_first_chunks_alone_and_recode_clips(tmp_path):
     assert first["latents"].shape == (4, 16, p.cache.chunk_frames, 8, 8)
     assert first["foreground"].shape == (4, 3, 8, 8) and len(first["scenes"]) == 4
     assert info["steps"] == 6 and 0 < info["first_chunk_steps"] < 6, info
-    assert len(info["passes"]) == tune.passes == 2 and info["wall_s"] == sum(q["wall_s"] for q in info["passes"])
+    assert len(info["passes"]) == tune.passes == 3 and info["wall_s"] == sum(q["wall_s"] for q in info["passes"])
     assert np.isfinite(info["first_chunk_final_loss"]) and np.isfinite(info["final_loss"])
     assert_stage_tuned_the_dit(tmp_path)
 

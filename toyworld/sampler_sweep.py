@@ -8,6 +8,11 @@ cycling through all eight. Each spec `guidance:shift[:rescale]` runs with the pr
 (Euler steps); the table gives the share of chunks whose dominant colour is the prompt's, over the first four
 chunks, all of them, and the last one (drift). This is how the toy preset's shift 5 (session 4, 3 chunks) and its
 guidance 5 rescaled 1.0 (session 5, 8 chunks) were picked (toyworld/README.md).
+
+With `--scene` the table instead reads what `toyworld.evaluate`'s scene section reads (one subject, shape, pattern,
+background colour, colour; chunk 0 and the last chunk apart, where the continuation's losses show) on the same
+kind of prompts: how the toy preset's guidance 2 was picked (session 18: guidance 3 over-drives the continuation
+into extra regions and rounder shapes).
 """
 
 from __future__ import annotations
@@ -46,6 +51,46 @@ def grammar_prompts(n: int, seed: int = 12345) -> list[str]:
     return prompts
 
 
+SCENE_COLUMNS = [("guidance", "guidance", "g"), ("shift", "shift", "g"), ("rescale", "rescale", "g"),
+                 ("one_subject", "one subject", ".0%"), ("shape", "shape", ".0%"), ("shape_first", "shape, chunk 0", ".0%"),
+                 ("shape_last", "shape, last chunk", ".0%"), ("pattern", "pattern", ".0%"),
+                 ("bg_color", "bg colour", ".0%"), ("color", "colour", ".0%"), ("s_per_chunk", "s/chunk", ".3f"),
+                 ("shipped", "shipped", "")]
+
+
+def scene_variants(gen, prompts: list[str], chunks: int, specs: list[tuple[float, float, float]],
+                   seed: int = 500) -> list[dict]:
+    """The scene readers' verdicts (`toyworld.scene_eval`) under each guidance:shift:rescale spec, side by side."""
+    import sys
+    import time
+    from dataclasses import replace
+
+    from packcache.sampler import FlowSampler
+
+    from .scene_eval import run_prompt, summarize
+    shipped = gen.sampler
+    cfg = shipped.config
+    rows = []
+    try:
+        for g, shift, rescale in specs:
+            gen.sampler = FlowSampler(replace(cfg, guidance_scale=g, shift=shift, guidance_rescale=rescale))
+            t = time.perf_counter()
+            runs = [run_prompt(gen, p, seed=seed + i, chunks=chunks)[0] for i, p in enumerate(prompts)]
+            wall = time.perf_counter() - t
+            s = summarize(runs)
+            rows.append({"guidance": g, "shift": shift, "rescale": rescale, "one_subject": s["one_subject"],
+                         "shape": s["shape"], "shape_first": s["shape_by_chunk"][0],
+                         "shape_last": s["shape_by_chunk"][-1], "pattern": s["pattern"], "bg_color": s["bg_color"],
+                         "color": s["color"], "s_per_chunk": wall / (len(prompts) * chunks),
+                         "shipped": "yes" if (g, shift, rescale) == (cfg.guidance_scale, cfg.shift,
+                                                                     cfg.guidance_rescale) else ""})
+            print(f"guidance {g:g} shift {shift:g} rescale {rescale:g}: one subject {s['one_subject']:.0%}, "
+                  f"shape {s['shape']:.0%}, pattern {s['pattern']:.0%}", file=sys.stderr, flush=True)
+    finally:
+        gen.sampler = shipped
+    return rows
+
+
 def parse_spec(spec: str) -> tuple[float, float, float]:
     """"guidance:shift" or "guidance:shift:rescale" (rescale 0 when left out)."""
     try:
@@ -66,12 +111,18 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--scene", action="store_true",
+                    help="read one subject, shape and pattern (toyworld.scene_eval) instead of the colour alone")
     args = ap.parse_args(argv)
     specs = [parse_spec(s) for s in args.specs]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     torch.set_num_threads(args.threads)
     gen = load_generator(args.weights)
+    if args.scene:
+        rows = scene_variants(gen, grammar_prompts(args.prompts), args.chunks, specs)
+        print(md_table(rows, SCENE_COLUMNS))
+        return
     between = gen.sampler.config.between_steps
     rows = sampler_variants(gen, grammar_prompts(args.prompts), args.chunks,
                             variants=[(between, g, shift, rescale) for g, shift, rescale in specs], seed=500)
