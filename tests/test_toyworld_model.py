@@ -169,23 +169,27 @@ def test_vae_tune_weighs_the_ring_around_a_subject_and_its_colour_error():
     assert (chroma(tint) - chroma(x)).abs().max() > 0.05
 
 
-def test_vae_tune_stage_rewrites_the_vae_and_keeps_the_untuned_one(tmp_path):
-    """Stage `vae_tune` on the shipped VAE, 2 steps: vae.pt changes, the untuned copy is kept byte for byte, the report
-    says what ran, and the folded latents stay unit-scale."""
-    import json
+def run_vae_stage_on_shipped_vae(tmp_path, stage, recipe) -> tuple[Path, bytes, dict]:
+    """A VAE stage (`tune_vae`, `tune_stream_decoder`) on the shipped bundle's VAE in a fresh work folder, one
+    thread: (work folder, vae.pt before, the stage's report)."""
     from toyworld.train import DEFAULT_OUT, toy_preset, vae_from_bundle
-    from toyworld.train_vae import VAETuneRecipe, tune_vae
     from toyworld.world import World
     if not DEFAULT_OUT.exists():
         pytest.skip("no shipped weights")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     work = tmp_path / "w"
     work.mkdir()
     vae_from_bundle(DEFAULT_OUT, work)
     before = (work / "vae.pt").read_bytes()
-    info = tune_vae(toy_preset(), work, 0, VAETuneRecipe(steps=2), World(1))
-    torch.set_num_threads(threads)
+    info = with_one_thread(stage, toy_preset(), work, 0, recipe, World(1))
+    return work, before, info
+
+
+def test_vae_tune_stage_rewrites_the_vae_and_keeps_the_untuned_one(tmp_path):
+    """Stage `vae_tune` on the shipped VAE, 2 steps: vae.pt changes, the untuned copy is kept byte for byte, the report
+    says what ran, and the folded latents stay unit-scale."""
+    import json
+    from toyworld.train_vae import VAETuneRecipe, tune_vae
+    work, before, info = run_vae_stage_on_shipped_vae(tmp_path, tune_vae, VAETuneRecipe(steps=2))
     assert (work / "vae_untuned.pt").read_bytes() == before
     old, new = torch.load(work / "vae_untuned.pt"), torch.load(work / "vae.pt")
     assert any(not torch.equal(old[k], new[k]) for k in old)
@@ -198,20 +202,9 @@ def test_vae_stream_stage_tunes_the_decoder_alone(tmp_path):
     """Stage `vae_stream` on the shipped VAE, 2 steps of 2 stream-length clips: the decoder changes, the encoder and
     quant conv (so the DiT's latents) stay bit for bit, the previous copy is kept, and the report says what ran."""
     import json
-    from toyworld.train import DEFAULT_OUT, toy_preset, vae_from_bundle
     from toyworld.train_vae import StreamDecoderRecipe, tune_stream_decoder
-    from toyworld.world import World
-    if not DEFAULT_OUT.exists():
-        pytest.skip("no shipped weights")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    work = tmp_path / "w"
-    work.mkdir()
-    vae_from_bundle(DEFAULT_OUT, work)
-    before = (work / "vae.pt").read_bytes()
-    info = tune_stream_decoder(toy_preset(), work, 0, StreamDecoderRecipe(steps=2, clip_batch=2, clip_frames=21),
-                               World(1))
-    torch.set_num_threads(threads)
+    work, before, info = run_vae_stage_on_shipped_vae(
+        tmp_path, tune_stream_decoder, StreamDecoderRecipe(steps=2, clip_batch=2, clip_frames=21))
     assert (work / "vae_before_stream.pt").read_bytes() == before
     old, new = torch.load(work / "vae_before_stream.pt"), torch.load(work / "vae.pt")
     changed = {k for k in old if not torch.equal(old[k], new[k])}
@@ -355,24 +348,22 @@ def test_rollouts_skip_sequences_with_no_chunk_to_sample():
     from dataclasses import replace as dc_replace
 
     from toyworld.train import DiTRecipe, build_model, dit_loss, toy_preset
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     p = toy_preset()
-    T = p.cache.chunk_frames
     torch.manual_seed(0)
-    lat = torch.randn(2, 16, 4 * T, p.latent_height, p.latent_width)
-    text = torch.randn(2, 8, p.text.dim)
+    lat = torch.randn(2, 16, 4 * p.cache.chunk_frames, p.latent_height, p.latent_width)
+    text, null = torch.randn(2, 8, p.text.dim), torch.randn(1, 8, p.text.dim)
     model = build_model(p, 0)
     plain, rolled = DiTRecipe(), dc_replace(DiTRecipe(), roll_prob=1.0)
+
+    def losses(keep: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (dit_loss(model, lat, text, p, plain, torch.Generator().manual_seed(3), keep),
+                dit_loss(model, lat, text, p, rolled, torch.Generator().manual_seed(3), keep, null_text=null))
+
     for keep in ([0], [0, 1]):
-        a = dit_loss(model, lat, text, p, plain, torch.Generator().manual_seed(3), keep)
-        b = dit_loss(model, lat, text, p, rolled, torch.Generator().manual_seed(3), keep)
+        a, b = with_one_thread(losses, keep)
         assert torch.isfinite(b) and torch.equal(a, b)
-    null = torch.randn(1, 8, p.text.dim)
-    a = dit_loss(model, lat, text, p, plain, torch.Generator().manual_seed(3), [0, 1, 2, 3])
-    b = dit_loss(model, lat, text, p, rolled, torch.Generator().manual_seed(3), [0, 1, 2, 3], null_text=null)
+    a, b = with_one_thread(losses, [0, 1, 2, 3])
     assert torch.isfinite(b) and not torch.equal(a, b)
-    torch.set_num_threads(threads)
 
 
 def test_drift_stage_fine_tunes_the_dit_and_later_stages_take_it(tmp_path):
