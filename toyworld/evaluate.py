@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -250,32 +251,39 @@ def sampler_variants(gen, prompts: list[str], chunks: int = 3,
     rescale); default SAMPLER_VARIANTS plus the shipped setting. `accuracy` covers all `chunks`, `first4` the
     first four (the issue's measure), `last` the final chunk (drift)."""
     import sys
-    from dataclasses import replace
-
-    from packcache.sampler import FlowSampler
-    shipped = gen.sampler
-    cfg = shipped.config
+    cfg = gen.sampler.config
     mine = (cfg.between_steps, cfg.guidance_scale, cfg.shift, cfg.guidance_rescale)
     if variants is None:
         variants = SAMPLER_VARIANTS + ([] if mine in SAMPLER_VARIANTS else [mine])
     rows = []
-    try:
-        for between, g, shift, rescale in variants:
-            gen.sampler = FlowSampler(replace(cfg, between_steps=between, guidance_scale=g, shift=shift,
-                                              guidance_rescale=rescale))
+    for between, g, shift, rescale in variants:
+        with sampler_settings(gen, between_steps=between, guidance_scale=g, shift=shift, guidance_rescale=rescale):
             t = time.perf_counter()
             per_prompt, accuracy = prompt_following(gen, prompts, chunks=chunks, seed=seed)
             wall = time.perf_counter() - t
-            hits = np.array([r["hits"] for r in per_prompt], dtype=float)
-            rows.append({"between_steps": between, "guidance": g, "shift": shift, "rescale": rescale,
-                         "shipped": "yes" if (between, g, shift, rescale) == mine else "", "accuracy": accuracy,
-                         "first4": float(hits[:, :4].mean()), "last": float(hits[:, -1].mean()),
-                         "s_per_chunk": wall / (len(prompts) * chunks)})
-            print(f"sampler {between} guidance {g:g} shift {shift:g} rescale {rescale:g}: {accuracy:.0%}",
-                  file=sys.stderr, flush=True)
+        hits = np.array([r["hits"] for r in per_prompt], dtype=float)
+        rows.append({"between_steps": between, "guidance": g, "shift": shift, "rescale": rescale,
+                     "shipped": "yes" if (between, g, shift, rescale) == mine else "", "accuracy": accuracy,
+                     "first4": float(hits[:, :4].mean()), "last": float(hits[:, -1].mean()),
+                     "s_per_chunk": wall / (len(prompts) * chunks)})
+        print(f"sampler {between} guidance {g:g} shift {shift:g} rescale {rescale:g}: {accuracy:.0%}",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+@contextmanager
+def sampler_settings(gen, **changes):
+    """The generator's sampler with `changes` to its config (SamplerConfig fields) for the block; the shipped one
+    back afterwards, also when the block fails (sweeps compare settings on one loaded generator)."""
+    from dataclasses import replace
+
+    from packcache.sampler import FlowSampler
+    shipped = gen.sampler
+    gen.sampler = FlowSampler(replace(shipped.config, **changes))
+    try:
+        yield gen.sampler
     finally:
         gen.sampler = shipped
-    return rows
 
 
 SAMPLER_COLUMNS = [("between_steps", "between steps", ""), ("guidance", "guidance", "g"), ("shift", "shift", "g"),

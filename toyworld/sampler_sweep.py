@@ -63,31 +63,25 @@ def scene_variants(gen, prompts: list[str], chunks: int, specs: list[tuple[float
     """The scene readers' verdicts (`toyworld.scene_eval`) under each guidance:shift:rescale spec, side by side."""
     import sys
     import time
-    from dataclasses import replace
 
-    from packcache.sampler import FlowSampler
-
+    from .evaluate import sampler_settings
     from .scene_eval import run_prompt, summarize
-    shipped = gen.sampler
-    cfg = shipped.config
+    cfg = gen.sampler.config
+    shipped = (cfg.guidance_scale, cfg.shift, cfg.guidance_rescale)
     rows = []
-    try:
-        for g, shift, rescale in specs:
-            gen.sampler = FlowSampler(replace(cfg, guidance_scale=g, shift=shift, guidance_rescale=rescale))
+    for g, shift, rescale in specs:
+        with sampler_settings(gen, guidance_scale=g, shift=shift, guidance_rescale=rescale):
             t = time.perf_counter()
             runs = [run_prompt(gen, p, seed=seed + i, chunks=chunks)[0] for i, p in enumerate(prompts)]
             wall = time.perf_counter() - t
-            s = summarize(runs)
-            rows.append({"guidance": g, "shift": shift, "rescale": rescale, "one_subject": s["one_subject"],
-                         "shape": s["shape"], "shape_first": s["shape_by_chunk"][0],
-                         "shape_last": s["shape_by_chunk"][-1], "pattern": s["pattern"], "bg_color": s["bg_color"],
-                         "color": s["color"], "s_per_chunk": wall / (len(prompts) * chunks),
-                         "shipped": "yes" if (g, shift, rescale) == (cfg.guidance_scale, cfg.shift,
-                                                                     cfg.guidance_rescale) else ""})
-            print(f"guidance {g:g} shift {shift:g} rescale {rescale:g}: one subject {s['one_subject']:.0%}, "
-                  f"shape {s['shape']:.0%}, pattern {s['pattern']:.0%}", file=sys.stderr, flush=True)
-    finally:
-        gen.sampler = shipped
+        s = summarize(runs)
+        rows.append({"guidance": g, "shift": shift, "rescale": rescale, "one_subject": s["one_subject"],
+                     "shape": s["shape"], "shape_first": s["shape_by_chunk"][0], "shape_last": s["shape_by_chunk"][-1],
+                     "pattern": s["pattern"], "bg_color": s["bg_color"], "color": s["color"],
+                     "s_per_chunk": wall / (len(prompts) * chunks), "shipped": "yes" if (g, shift, rescale) == shipped
+                     else ""})
+        print(f"guidance {g:g} shift {shift:g} rescale {rescale:g}: one subject {s['one_subject']:.0%}, "
+              f"shape {s['shape']:.0%}, pattern {s['pattern']:.0%}", file=sys.stderr, flush=True)
     return rows
 
 

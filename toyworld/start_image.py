@@ -131,6 +131,7 @@ def run_subject(i: int, args, caches: list[str], out: Path) -> None:
     from packcache import Generator
     from packcache.sampler import FlowSampler
 
+    from .evaluate import sampler_settings
     gen = Generator.from_preset("toy", device="cpu")
     # the long runs and the switch use --context-guidance, by default the preset's
     if args.context_guidance is not None:
@@ -155,12 +156,8 @@ def run_subject(i: int, args, caches: list[str], out: Path) -> None:
                             "first_chunk_s": r["first_chunk_s"], "wall_s": r["wall_s"], "kv_bytes": r["kv_bytes"]})
         log.info("  kept %.0f%%", 100 * res["long"][-1]["kept"])
         strip[f"row{k}"] = r["frames"][::10 * fps]
-    default = gen.sampler
-    gen.sampler = FlowSampler(replace(default.config, context_guidance=1.0))
-    try:
+    with sampler_settings(gen, context_guidance=1.0):
         r = stream(gen, "", img, "packed", n_chunks(args.ablation_seconds), seed=10 + i)
-    finally:
-        gen.sampler = default
     res["ablation"].append({"subject": f"{color} {shape}", "kept": kept(r["colors"], color), "colors": r["colors"]})
     want = M.prompt_color(SWITCH_TO[color])
     r = stream(gen, SWITCH_TO[color], img, "packed", args.switch_chunks, seed=20 + i)

@@ -62,6 +62,7 @@ from .train_vae import (
     StreamDecoderRecipe,
     VAERecipe,
     VAETuneRecipe,
+    encode_chunkwise,
     load_vae,
     train_vae,
     tune_stream_decoder,
@@ -204,16 +205,6 @@ def make_dataset(preset, work: Path, seed: int, clips: int, batch: int = 8, work
             "latent_mean": latents.float().mean().item(), "latent_std": latents.float().std().item()}
     (work / "data.json").write_text(json.dumps(info))
     return info
-
-
-def encode_chunkwise(vae, x: torch.Tensor, chunk_latents: int = 3) -> torch.Tensor:
-    """(B, 3, F, H, W) -> latents, each stream chunk encoded afresh: chunk 0 from its 9 frames, every later chunk
-    from its previous frame plus its own 12 (keeping the last 3 latents). Encoding a long clip in one go lets the
-    causal encoder's state drift: by chunk 7-8 the subject's colour is lost in 12% of clips, chunk by chunk in none
-    (toyworld/README.md), and the DiT learns whatever drift its targets carry."""
-    from packcache.vae import encode_by_chunks
-    return torch.cat(encode_by_chunks(lambda c: vae.encode(c).latent_dist.mean, x, chunk_latents,
-                                      vae.config.scale_factor_temporal), dim=2)
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ Clips of 9 frames (3 latent frames) train both the first-frame path and the grou
 previous group. Single frames (the first-frame path, cheapest) fill the other steps. That is not all the streaming
 decoder's steady state needs: a stream's later chunks decode from a cache carried over many chunks, and a VAE trained
 on 9 frames alone textures their flat areas and splits their subjects (session 18, `StreamDecoderRecipe`), which the
-`vae_stream` stage fixes on the decoder alone. At the end the latent normalisation is folded into the quant convs, so the preset's
-latents_mean/std stay 0/1 and the DiT sees unit-scale latents.
+`vae_stream` stage fixes on the decoder alone. At the end the latent normalisation is folded into the quant convs,
+so the preset's latents_mean/std stay 0/1 and the DiT sees unit-scale latents.
 """
 
 from __future__ import annotations
@@ -111,11 +111,17 @@ def tune_vae(preset, work: Path, seed: int, tune: VAETuneRecipe, world: World, d
                            lambda v, x: vae_tune_loss(v, x, recipe, tune), "vae_tune", work / "loss_vae_tune.png", device)
     vae.eval().requires_grad_(False)
     stats = fold_normalisation(vae, World(seed + 2, style=world.style), preset)
+    return save_tuned_vae(vae, work, "vae_tune", tune, hist, wall, latent_stats_before_fold=stats)
+
+
+def save_tuned_vae(vae, work: Path, name: str, tune, hist: dict[str, list[float]], wall: float, **extra) -> dict:
+    """A tuning stage's end: the VAE written back as vae.pt, its report (recipe, last 100 steps' loss parts and
+    `extra`) as `name`.json."""
     torch.save({k: v.cpu() for k, v in vae.state_dict().items()}, work / "vae.pt")
     info = {"wall_s": wall, "steps": tune.steps, "recipe": tune.__dict__,
             "final_weighted_mse": float(np.mean(hist["weighted_mse"][-100:])),
-            "final_chroma": float(np.mean(hist["chroma"][-100:])), "latent_stats_before_fold": stats}
-    (work / "vae_tune.json").write_text(json.dumps(info))
+            "final_chroma": float(np.mean(hist["chroma"][-100:])), **extra}
+    (work / f"{name}.json").write_text(json.dumps(info))
     return info
 
 
@@ -124,29 +130,28 @@ def tune_stream_decoder(preset, work: Path, seed: int, tune: StreamDecoderRecipe
     """Stage `vae_stream`: the work folder's vae.pt with its decoder (and post-quant conv) fine-tuned per `tune`,
     written back; the encoder, quant conv and so the latents are untouched (no normalisation to fold again). The
     previous copy is kept as vae_before_stream.pt."""
-    from packcache.vae import encode_by_chunks
     recipe, loss_tune = VAERecipe(clip_frames=tune.clip_frames, clip_batch=tune.clip_batch), VAETuneRecipe()
     torch.manual_seed(seed + 9)
     vae = load_vae(preset, work, device=device)
     vae.decoder.requires_grad_(True).train()
     vae.post_quant_conv.requires_grad_(True)
     (work / "vae_before_stream.pt").write_bytes((work / "vae.pt").read_bytes())
-
-    def chunkwise(v, x):
-        with torch.no_grad():
-            return torch.cat(encode_by_chunks(lambda c: v.encode(c).latent_dist.mean, x, preset.cache.chunk_frames,
-                                              preset.vae.temporal_stride), dim=2)
-
+    chunkwise = torch.no_grad()(lambda v, x: encode_chunkwise(v, x, preset.cache.chunk_frames))
     hist, wall = vae_steps(vae, world, preset, recipe, tune.steps, tune.lr, 20,
                            lambda v, x: vae_tune_loss(v, x, recipe, loss_tune, encode=chunkwise),
                            "vae_stream", work / "loss_vae_stream.png", device, images=False)
     vae.eval().requires_grad_(False)
-    torch.save({k: v.cpu() for k, v in vae.state_dict().items()}, work / "vae.pt")
-    info = {"wall_s": wall, "steps": tune.steps, "recipe": tune.__dict__,
-            "final_weighted_mse": float(np.mean(hist["weighted_mse"][-100:])),
-            "final_chroma": float(np.mean(hist["chroma"][-100:]))}
-    (work / "vae_stream.json").write_text(json.dumps(info))
-    return info
+    return save_tuned_vae(vae, work, "vae_stream", tune, hist, wall)
+
+
+def encode_chunkwise(vae, x: torch.Tensor, chunk_latents: int = 3) -> torch.Tensor:
+    """(B, 3, F, H, W) -> latents, each stream chunk encoded afresh: chunk 0 from its 9 frames, every later chunk
+    from its previous frame plus its own 12 (keeping the last 3 latents). Encoding a long clip in one go lets the
+    causal encoder's state drift: by chunk 7-8 the subject's colour is lost in 12% of clips, chunk by chunk in none
+    (toyworld/README.md), and the DiT learns whatever drift its targets carry."""
+    from packcache.vae import encode_by_chunks
+    return torch.cat(encode_by_chunks(lambda c: vae.encode(c).latent_dist.mean, x, chunk_latents,
+                                      vae.config.scale_factor_temporal), dim=2)
 
 
 def build_vae(preset):
