@@ -106,6 +106,39 @@ def test_a_few_training_steps_reduce_the_loss():
     assert after < 0.9 * before
 
 
+def test_a_lone_chunk_is_learned_without_its_clean_copy():
+    """The `first` stage's shortcut: a chunk alone attends only itself, so its noisy copy's velocity is the same with
+    or without the teacher-forcing clean copy (whatever that copy holds) and `dit_loss` drops the copy (half the
+    tokens, no own-prediction pass). It must stay the same computation."""
+    from toyworld.train import DiTRecipe, build_model, dit_loss, teacher_forcing_mask, toy_preset
+    p = toy_preset()
+    torch.manual_seed(0)
+    model = build_model(p, 0).eval()
+    T = p.cache.chunk_frames
+    x0 = torch.randn(2, 16, T, 8, 8)
+    noisy = torch.randn(2, 16, T, 8, 8)
+    text = torch.randn(2, 8, p.text.dim)
+    pos = torch.arange(T, dtype=torch.float64)
+    sig = torch.tensor([[0.3] * T, [0.8] * T])
+    mask = teacher_forcing_mask([0], p.tokens_per_frame, T)
+    with torch.no_grad():
+        alone = model.forward_sequence(noisy, sig * 1000.0, text, pos)
+        for clean in (x0, torch.zeros_like(x0)):
+            ts = torch.cat([torch.zeros(2, T), sig], dim=1) * 1000.0
+            paired = model.forward_sequence(torch.cat([clean, noisy], 2), ts, text, torch.cat([pos, pos]), mask)
+            torch.testing.assert_close(paired[:, :, T:], alone, rtol=1e-4, atol=1e-5)
+        # and the loss itself: a chunk alone gives the flow-matching error of that one pass
+        recipe = DiTRecipe(own_context_prob=1.0, ctx_noise_prob=1.0)
+        loss = dit_loss(model, x0, text, p, recipe, torch.Generator().manual_seed(5), [0])
+        gen = torch.Generator().manual_seed(5)
+        from toyworld.train import draw_sigmas, noise_like
+        sigma = draw_sigmas((2, 1), p, recipe, gen).repeat_interleave(T, dim=1)
+        eps = noise_like(x0, gen)
+        xn = (1 - sigma)[:, None, :, None, None] * x0 + sigma[:, None, :, None, None] * eps
+        v = model.forward_sequence(xn, sigma * 1000.0, text, pos)
+    assert torch.isclose(loss, (v - (eps - x0)).pow(2).mean(), rtol=1e-4)
+
+
 def test_a_few_vae_steps_reduce_the_reconstruction_loss():
     """The VAE stage's loss (foreground-weighted MSE through the Wan2.2-layout VAE) on a fixed batch of toy frames."""
     from toyworld.train import toy_preset
@@ -648,3 +681,21 @@ def test_memory_stage_settings_from_the_command_line(capsys, tmp_path):
         err = capsys.readouterr().err
         assert "--memory-set" in err and "Traceback" not in err
         assert not (tmp_path / "work").exists()               # refused before any work
+
+
+def test_first_stage_settings_parse_booleans_and_clip_kinds():
+    """A bool field reads true/false (not Python's truth of a non-empty string); clip kinds are checked."""
+    import argparse
+
+    from toyworld.train import FirstChunkRecipe, clips_of_kinds, recipe_with
+    ap = argparse.ArgumentParser()
+    assert recipe_with(FirstChunkRecipe(), None, ["fresh_clips=false"], ap, "--first-set").fresh_clips is False
+    assert recipe_with(FirstChunkRecipe(), None, ["fresh_clips=1"], ap, "--first-set").fresh_clips is True
+    with pytest.raises(SystemExit):
+        recipe_with(FirstChunkRecipe(), None, ["fresh_clips=maybe"], ap, "--first-set")
+    data = {"latents": torch.arange(3.0), "foreground": torch.arange(3.0),
+            "scenes": [{"clip": "normal"}, {"clip": "still"}, {"clip": "return"}]}
+    kept = clips_of_kinds(data, ["normal", "return"])
+    assert kept["latents"].tolist() == [0.0, 2.0] and [d["clip"] for d in kept["scenes"]] == ["normal", "return"]
+    with pytest.raises(SystemExit, match="unknown clip kinds"):
+        clips_of_kinds(data, ["sideways"])

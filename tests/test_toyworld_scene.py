@@ -137,3 +137,22 @@ def test_retrain_probe_denoise_reads_each_sampler_level_against_the_true_latents
     assert len(rows) == 1 + gen.sampler.steps and all(r["samples"] == 3 for r in rows)
     assert rows[0]["shape"] == 1.0 and rows[0]["color"] == 1.0 and rows[0]["one_subject"] == 1.0
     assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("one_subject", "shape", "bg_color", "pattern", "color"))
+
+
+def test_context_check_reads_true_continuations_and_what_the_context_is_worth(capsys):
+    """The continuation check on one scene: the true start clip is committed (k chunks), the next chunk read; the
+    x0 errors are positive and, from sigma 1 with no context, about the latents' own spread (nothing to go on)."""
+    from toyworld import context_check as C
+    from toyworld.evaluate import load_generator
+    gen = load_generator(None)
+    res = C.run(gen, 1)
+    assert set(res["shape"]) == {f"{a} {k}" for a in ("forced", "free") for k in C.CONTEXT_CHUNKS}
+    assert all(v in (0.0, 1.0) for v in res["shape"].values())
+    mse = res["x0_mse"]
+    assert all(0.0 < v < 3.0 for v in mse.values())
+    assert all(mse[f"{n} k{k} s0.6"] < mse[f"{n} k{k} s1.0"] for n in ("context", "alone") for k in C.CONTEXT_CHUNKS)
+    table = C.report(res)
+    assert table.count("\n| ") == 1 + len(C.CONTEXT_CHUNKS)
+    with pytest.raises(SystemExit) as e:
+        C.main(["--scenes", "0"])
+    assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err

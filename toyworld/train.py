@@ -324,6 +324,9 @@ class FirstChunkRecipe:
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 20
+    fresh_clips: bool = True      # each pass on first chunks of its own (data_seed + pass), not the first pass's again
+    clip_kinds: str = ""          # the clip steps' clips: a comma list of kinds (CLIP_KINDS), "" for all of them
+    clip_loss_from: int = 0       # the clip steps learn chunks from this one on (1: continuations alone)
 
 
 @dataclass
@@ -442,6 +445,9 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
     eps = noise_like(x0, gen)
     xn = (1 - sig_f)[:, None, :, None, None] * x0 + sig_f[:, None, :, None, None] * eps
     pos = torch.arange(f, dtype=torch.float64)
+    if k == 1:      # a chunk alone (the `first` stage) attends only itself: a clean copy, its own-prediction pass and
+        v = model.forward_sequence(xn, sig_f * 1000.0, text, pos)   # context noise would change nothing the loss sees
+        return _weighted_flow_loss(v, eps, x0, fg, frames, keep_chunks, loss_from_chunk, recipe)
     mask = teacher_forcing_mask(list(range(k)), preset.tokens_per_frame, T).to(dev)
     context = x0
     # (the rollout draw only when rollouts are on: the `dit` stage keeps the random stream it always had)
@@ -463,13 +469,24 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
     inp = torch.cat([xc, xn], dim=2)
     timestep = torch.cat([ctx_s[:, None].expand(b, f), sig_f], dim=1) * 1000.0
     v = model.forward_sequence(inp, timestep, text, torch.cat([pos, pos]), mask)[:, :, f:]
+    skip = (roll.to(dev), (first_rolled + 1) * T) if roll.any() else None
+    return _weighted_flow_loss(v, eps, x0, fg, frames, keep_chunks, loss_from_chunk, recipe, skip)
+
+
+def _weighted_flow_loss(v: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor, fg: torch.Tensor | None,
+                        frames: torch.Tensor, keep_chunks: list[int], loss_from_chunk: int, recipe: DiTRecipe,
+                        skip: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """The velocity error, positions under shapes weighted up, chunks before `loss_from_chunk` out; `skip` (rows,
+    frames): those rows learn nothing in their first frames (rolled-out samples learn only where their context holds
+    sampled chunks)."""
+    b, f, dev, T = x0.shape[0], x0.shape[2], x0.device, x0.shape[2] // len(keep_chunks)
     w = torch.ones(b, f, *x0.shape[3:], device=dev)
     if fg is not None:
         w = w + foreground_weight(fg[:, frames.to(fg.device)].float().to(dev), recipe.fg_weight)
     in_loss = torch.tensor([float(c >= loss_from_chunk) for c in keep_chunks], device=dev).repeat_interleave(T)
     w = w * in_loss[None, :, None, None]
-    if roll.any():      # rolled-out samples learn only where their context holds sampled chunks
-        w[roll.to(dev), :(first_rolled + 1) * T] = 0.0
+    if skip is not None:
+        w[skip[0], :skip[1]] = 0.0
     err = (v.float() - (eps - x0)).pow(2).mean(dim=1)                          # (B, F, h, w)
     return (err * w).sum() / w.sum().clamp_min(1.0)
 
@@ -579,7 +596,7 @@ def _step(model, opt, params, ema: dict, recipe: DiTRecipe, step: int, loss: tor
 
 def clip_loss(model, data: dict, idx: np.ndarray, text: torch.Tensor, preset, recipe: DiTRecipe,
               rng: np.random.Generator, gen: torch.Generator, device: str = "cpu",
-              null_text: torch.Tensor | None = None) -> torch.Tensor:
+              null_text: torch.Tensor | None = None, loss_from_chunk: int = 0) -> torch.Tensor:
     """The `dit` stage's teacher-forcing loss on clips `idx` of `data` with its augmentations: chunk dropping (the
     packed and window caches' contexts), scene cuts (prompt switches) and, with `data["drifted"]`, drifted contexts.
     Shared by every stage that keeps those behaviours while it trains something else."""
@@ -599,8 +616,8 @@ def clip_loss(model, data: dict, idx: np.ndarray, text: torch.Tensor, preset, re
         j = int(rng.choice(keep[1:]))
         batch = torch.cat([data["drifted"][idx][:, :, :j * T], batch[:, :, j * T:]], dim=2)
         loss_from = j
-    return dit_loss(model, batch.to(device), text.to(device), preset, recipe, gen, keep, loss_from,
-                    batch_fg.to(device), null_text)
+    return dit_loss(model, batch.to(device), text.to(device), preset, recipe, gen, keep,
+                    max(loss_from, loss_from_chunk), batch_fg.to(device), null_text)
 
 
 def first_chunk_loss(model, first: dict, idx: np.ndarray, text: torch.Tensor, preset, recipe: DiTRecipe,
@@ -613,7 +630,7 @@ def first_chunk_loss(model, first: dict, idx: np.ndarray, text: torch.Tensor, pr
 def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | None = None,
               device: str = "cpu", init: Path | None = None, out_name: str = DIT_FILE, name: str = "dit",
               warmup: int = 100, mix: ClipMix = ClipMix(), first: dict | None = None, first_share: float = 0.0,
-              first_batch: int = 32) -> dict:
+              first_batch: int = 32, clip_loss_from: int = 0) -> dict:
     """Teacher forcing from scratch (stage `dit`) or, with `init` and the recipe's drift and rollout shares, the
     fine-tune against drift (stage `drift`): one loop, EMA weights saved as `out_name`, curve and report under
     `name`. With `first` (a `make_first_chunk_dataset`), `first_share` of the steps train a batch of
@@ -653,7 +670,7 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
         else:
             idx = rng.integers(0, n, size=recipe.batch)
             text, _ = captions(idx)
-            loss = clip_loss(model, data, idx, text, preset, recipe, rng, gen, device, null_text)
+            loss = clip_loss(model, data, idx, text, preset, recipe, rng, gen, device, null_text, clip_loss_from)
             _step(model, opt, params, ema, recipe, step, loss)
             hist.append(loss.item())
         if step % 100 == 0:
@@ -687,6 +704,17 @@ def train_recode(preset, work: Path, seed: int, recipe: DiTRecipe, tune: RecodeR
     return {**info, "data": data_info}
 
 
+def clips_of_kinds(data: dict, kinds: list[str]) -> dict:
+    """The clips of a dataset (`make_chunkwise_dataset`) whose kind is one of `kinds`."""
+    from .world import CLIP_KINDS
+    unknown = set(kinds) - set(CLIP_KINDS)
+    if unknown:
+        raise SystemExit(f"unknown clip kinds {sorted(unknown)}; kinds: {', '.join(CLIP_KINDS)}")
+    keep = [i for i, d in enumerate(data["scenes"]) if d.get("clip", "normal") in kinds]
+    return {"latents": data["latents"][keep], "foreground": data["foreground"][keep],
+            "scenes": [data["scenes"][i] for i in keep]}
+
+
 def train_first(preset, work: Path, seed: int, recipe: DiTRecipe, tune: FirstChunkRecipe,
                 device: str = "cpu") -> dict:
     """Stage `first`: fresh first-chunk clips, then the current DiT (after `recode`) fine-tuned on them
@@ -694,18 +722,25 @@ def train_first(preset, work: Path, seed: int, recipe: DiTRecipe, tune: FirstChu
     from dataclasses import replace
     if not (work / "data_chunkwise.pt").exists():
         raise SystemExit("the first stage continues from the recode stage: run it first (--stages recode,first,...)")
-    data_info = make_first_chunk_dataset(preset, work, seed + tune.data_seed, tune.clips, device=device)
-    logger.info("first-chunk data done in %.0fs", data_info["wall_s"])
     r = replace(recipe, steps=tune.steps, lr=tune.lr, drift_prob=0.0, roll_prob=0.0)
-    clips, first = torch.load(work / "data_chunkwise.pt"), torch.load(work / "data_first.pt")   # read-only
-    passes = []
-    for k in range(tune.passes):        # each pass a fresh cosine cycle from the previous one's weights, same draws
+    clips = torch.load(work / "data_chunkwise.pt")                                  # read-only
+    if tune.clip_kinds:
+        clips = clips_of_kinds(clips, tune.clip_kinds.split(","))
+    passes, data_infos = [], []
+    for k in range(tune.passes):        # each pass a fresh cosine cycle from the previous one's weights
+        if k == 0 or tune.fresh_clips:  # and, with fresh_clips, on clips of its own (the same draws otherwise)
+            data_infos.append(make_first_chunk_dataset(preset, work, seed + tune.data_seed + k, tune.clips,
+                                                       device=device))
+            logger.info("first-chunk data of pass %d done in %.0fs", k + 1, data_infos[-1]["wall_s"])
+        first = torch.load(work / "data_first.pt")
         info = train_dit(preset, work, seed + 60, r, data=clips, device=device, init=final_dit_file(work),
                          out_name=TUNED_FILE, name="first", warmup=tune.warmup, mix=RecodeRecipe().mix, first=first,
-                         first_share=tune.first_share, first_batch=tune.batch)
+                         first_share=tune.first_share, first_batch=tune.batch, clip_loss_from=tune.clip_loss_from)
         passes.append({key: info[key] for key in ("wall_s", "first_loss", "final_loss") if key in info})
         logger.info("first pass %d of %d: loss %.4f -> %.4f", k + 1, tune.passes, info["first_loss"],
                     info["final_loss"])
+    data_info = {"wall_s": sum(d["wall_s"] for d in data_infos), "clips": sum(d["clips"] for d in data_infos),
+                 "latent_shape": data_infos[-1]["latent_shape"], "sets": len(data_infos)}
     return {**info, "wall_s": sum(p_["wall_s"] for p_ in passes), "passes": passes, "data": data_info}
 
 
@@ -785,6 +820,14 @@ def vae_retune_warnings(stages: list[str], summary: dict) -> list[str]:
     return out
 
 
+def _parse_bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
 def recipe_with(base, steps: int | None, settings: list[str], ap: argparse.ArgumentParser,
                 option: str = "--memory-set"):
     """A recipe dataclass `base` with `steps` (None: its own) and each FIELD=VALUE of `option` applied, typed as the
@@ -797,7 +840,7 @@ def recipe_with(base, steps: int | None, settings: list[str], ap: argparse.Argum
         if name not in known or not value:
             ap.error(f"{option} {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(known)}")
         try:
-            changes[name] = known[name](value)
+            changes[name] = _parse_bool(value) if known[name] is bool else known[name](value)
         except ValueError:
             ap.error(f"{option} {item!r}: {value!r} is not a {known[name].__name__}")
     return replace(base, **changes)
