@@ -562,12 +562,12 @@ def assert_stage_tuned_the_dit(path: Path) -> None:
 
 def test_first_stage_trains_first_chunks_alone_and_recode_clips(tmp_path):
     """`--stages first`: fresh 9-frame clips (one first stream chunk: 3 latent frames each), then the current DiT
-    fine-tuned on batches of them and on the `recode` stage's clips, in `passes` cycles, into the tuned file `hr`
-    and `pack` take;
+    fine-tuned on batches of them and on the `recode` stage's clips, in `passes` cycles (each on clips of its own),
+    into the tuned file `hr` and `pack` take;
     without the recode stage's clips it stops with one clear message."""
     from toyworld.train import DiTRecipe, FirstChunkRecipe, train_first
     p = dit_work_folder(tmp_path)
-    tune = FirstChunkRecipe(clips=4, steps=6, first_share=0.5, batch=2)
+    tune = FirstChunkRecipe(clips=4, steps=6, first_share=0.5, batch=2, passes=2)
     with pytest.raises(SystemExit, match="recode"):
         train_first(p, tmp_path, 0, DiTRecipe(batch=2), tune)
     save_recode_clips(tmp_path)
@@ -576,7 +576,8 @@ def test_first_stage_trains_first_chunks_alone_and_recode_clips(tmp_path):
     assert first["latents"].shape == (4, 16, p.cache.chunk_frames, 8, 8)
     assert first["foreground"].shape == (4, 3, 8, 8) and len(first["scenes"]) == 4
     assert info["steps"] == 6 and 0 < info["first_chunk_steps"] < 6, info
-    assert len(info["passes"]) == tune.passes == 3 and info["wall_s"] == sum(q["wall_s"] for q in info["passes"])
+    assert len(info["passes"]) == tune.passes == 2 and info["wall_s"] == sum(q["wall_s"] for q in info["passes"])
+    assert info["data"]["sets"] == 2 and info["data"]["clips"] == 8        # each pass drew first chunks of its own
     assert np.isfinite(info["first_chunk_final_loss"]) and np.isfinite(info["final_loss"])
     assert_stage_tuned_the_dit(tmp_path)
 

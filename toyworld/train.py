@@ -305,21 +305,24 @@ class FirstChunkRecipe:
     """The `first` stage: the fine-tuned DiT trained on first chunks alone, in bulk.
 
     The first chunk is the only one whose shape, background and subject count come from the text alone; later
-    chunks copy their context, so what chunk 0 gets wrong the whole stream keeps. A first-chunk sample is 96 tokens
-    instead of a 7-chunk clip's 672 (0.6 s per batch of 32 against ~0.8 s per batch of 8 clips, 2 cores), so the
-    stage sees ~3x more first chunks per second than the `dit` stage does. `first_share` of the steps are such
-    batches from `clips` fresh 9-frame clips; the rest are ordinary `recode` steps on its clips and mix.
+    chunks copy their context, so what chunk 0 gets wrong the whole stream keeps. A first chunk alone attends only
+    itself, so its loss needs neither the teacher-forcing clean copy nor an own-prediction pass (`dit_loss`): 48
+    tokens per sample, a batch of 32 in ~0.3 s on 2 cores (0.6 s until session 19), ~5x more first chunks per
+    second than the `dit` stage sees. `first_share` of the steps are such batches from `clips` fresh 9-frame clips
+    (fresh for every pass with `fresh_clips`); the rest are ordinary `recode` steps on its clips and mix.
     Session 10 shipped 480 steps at lr 3e-4 with a share of 0.6 (at 0.8 one prompt switch in 10 took 3 chunks);
     with the `placed` world and the spatial table (session 15, eval/RETRAIN_PLAN.md) the shape and pattern come
     from this stage: all first chunks at lr 1e-3 for 700 steps took the pattern in whole streams from 5% to 48%
     and shape from 15% to 31% with all 20 switches still within 2 chunks, and 1,400 steps (819 s on 2 cores) took
     them further (eval/RETRAIN_PLAN.md, session 16; half clip steps instead cost shape in every later chunk), and a
-    second cycle of 1,400 (`passes`, session 17) further again (shape of the first chunk 63 -> 78%)."""
+    second cycle of 1,400 (`passes`, session 17) further again (shape of the first chunk 63 -> 78%). Session 19's
+    fourth and fifth passes, each on clips of its own: shape 60 -> 71 -> 77% on a 17-prompt subset."""
     clips: int = 1536
     data_seed: int = 777
     steps: int = 1400
-    passes: int = 3               # cosine cycles of `steps`; session 17's second pass: shape 42 -> 52%, squares 10 -> 37%;
-                                  #   session 18's third: shape 47 -> 57% on a 17-prompt subset (eval/RETRAIN_PLAN.md)
+    passes: int = 5               # cosine cycles of `steps`; session 17's second pass: shape 42 -> 52%, squares 10 -> 37%;
+                                  #   session 18's third: shape 47 -> 57% on a 17-prompt subset, session 19's fourth
+                                  #   and fifth (fresh clips): 60 -> 71 -> 77% (eval/RETRAIN_PLAN.md)
     first_share: float = 1.0
     batch: int = 32
     lr: float = 1e-3
