@@ -182,7 +182,17 @@ def _guidance_mode(session: "GenerationSession") -> str:
 
 
 def _denoise(gen: "Generator", rows: list[_Row]) -> None:
-    """All rows' sampler steps, one model call per step (2N rows with guidance)."""
+    """All rows' sampler steps, one model call per step (2N rows with guidance); rows that start at another
+    sampler step (`GenerationSession._first_step`: a stream's first chunk from pure noise, later ones from the
+    previous chunk) run as their own batch."""
+    by_start: dict[int, list[_Row]] = {}
+    for r in rows:
+        by_start.setdefault(r.session._first_step(), []).append(r)
+    for first, group in sorted(by_start.items()):
+        _denoise_from(gen, group, first)
+
+
+def _denoise_from(gen: "Generator", rows: list[_Row], first: int) -> None:
     sampler = gen.sampler
     n = len(rows)
     mode = _guidance_mode(rows[0].session)
@@ -191,13 +201,14 @@ def _denoise(gen: "Generator", rows: list[_Row]) -> None:
             r.x0 = r.session._denoise(r.prompt, r.anchor)
         return
     shape = rows[0].session._chunk_shape()
-    xs = [r.session._noise(shape) for r in rows]
+    xs = [r.session._initial_x(shape, first) for r in rows]
     guided = mode == "guided"
     prompts = [r.prompt for r in rows] + ([gen.null_prompt()] * n if guided else [])
     stacked = StackedPrompt(prompts)
     access = BatchedAccess([r.session.cache.reader() for r in rows], list(range(n)) * (2 if guided else 1))
     x0s = xs
-    for k, sigma in enumerate(sampler.sigmas):
+    for k in range(first, sampler.steps):
+        sigma = sampler.sigmas[k]
         t = sampler.timestep(sigma, 1, gen.device)
         out = batched_forward(gen, xs, 2 if guided else 1, t, stacked, access, rows[0].anchor)
         x0s, nxt = [], []

@@ -337,6 +337,7 @@ class GenerationSession:
     def _start_stream(self, seed: int) -> None:
         self.seed = seed
         self.chunk_index = 0
+        self._last_x0: torch.Tensor | None = None     # the latest chunk's latents, where the next one starts from
         self.cache = self.gen.new_cache(self.cache_kind)
         self.decoder = self.gen.frame_decoder.stream_decoder()
         self._rng = torch.Generator(device="cpu").manual_seed(seed)
@@ -456,6 +457,7 @@ class GenerationSession:
             self._record_time(start)
         t, stride = latents.shape[2], self.gen.preset.vae.temporal_stride
         self._frames += stride * t - (stride - 1 if self._first_chunk else 0)   # 9 then 12 frames for T=3
+        self._last_x0 = latents
 
     def _finish_job(self, x0, slot, prompt, decode, row, start):
         pixels = self._finish(x0, slot, prompt, decode, row)
@@ -492,6 +494,8 @@ class GenerationSession:
         self._prompt_ctx = gen.model.embed_text(new_text)
         if pending["transition"] == "recache":
             self._recache()
+        if pending["transition"] != "blend":
+            self._last_x0 = None            # a cut or a recache: the new scene's first chunk from pure noise
         if pending.get("image") is not None:
             if self.cache.chunks_seen == 0:      # no context yet: the picture is the stream's start
                 self._start = pending["image"]
@@ -509,6 +513,7 @@ class GenerationSession:
             anchor = self.cache.begin_chunk()
             slot = self._commit(x0, self._prompt_ctx, anchor)
             self._finish(x0, slot, self._prompt_ctx, decode=True)
+            self._last_x0 = x0              # the next generated chunk continues the picture
         log.debug("committed %d context frame(s) as %s", len(frames), "the start" if first else "an image cue")
 
     def _current_text(self) -> torch.Tensor:
@@ -560,15 +565,33 @@ class GenerationSession:
         unconditional = gen.null_prompt() if sampler.guided and not empty else None
         return unconditional, (sampler.config.context_guidance if empty else 1.0)
 
+    def _first_step(self) -> int:
+        """The sampler step this chunk starts at: `SamplerConfig.continue_from_step` once there is a previous chunk
+        (generated, or a start picture or image cue committed as context), 0 (pure noise) for a stream's first chunk
+        and the first after a reset, a cut or a recache."""
+        if self._last_x0 is None:
+            return 0
+        return min(self.gen.sampler.config.continue_from_step, self.gen.sampler.steps - 1)
+
+    def _initial_x(self, shape, first_step: int) -> torch.Tensor:
+        """Pure noise, or the previous chunk's latents renoised to the first step's level (the same noise draw
+        either way, so the session's noise stream does not depend on the setting)."""
+        noise = self._noise(shape)
+        if first_step == 0:
+            return noise
+        return self.gen.sampler.renoise(self._last_x0, noise, self.gen.sampler.sigmas[first_step])
+
     def _denoise(self, prompt: PromptContext, anchor: float) -> torch.Tensor:
         """The sampler's steps against the cache (read-only); mid selection is fixed at the first step."""
         gen, model, sampler = self.gen, self.gen.model, self.gen.sampler
         shape = self._chunk_shape()
         reader = self.cache.reader()
-        x = self._noise(shape)
+        first = self._first_step()
+        x = self._initial_x(shape, first)
         x0 = x
         unconditional, context_g = self._guidance()
-        for k, sigma in enumerate(sampler.sigmas):
+        for k in range(first, sampler.steps):
+            sigma = sampler.sigmas[k]
             t = sampler.timestep(sigma, 1, gen.device)
             v = model.forward_chunk(x, t, prompt, reader, anchor)
             if unconditional is not None:   # the reader's mid-block selection was fixed by the conditional pass
@@ -685,6 +708,7 @@ class GenerationSession:
             "counters": {"last_seconds": self._last_seconds, "total_seconds": self._total_seconds,
                          "frames": self._frames},
             "cache": self.cache.state_dict(), "decoder": state_fn(),
+            "last_x0": None if self._last_x0 is None else self._last_x0.detach().cpu(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -708,6 +732,8 @@ class GenerationSession:
         self._blend = blend
         self._prompt_ctx = self.gen.model.embed_text(self._text)
         self._rng.set_state(state["rng"])
+        last = state.get("last_x0")        # (snapshots from before session 19 have none: the next chunk from noise)
+        self._last_x0 = None if last is None else last.to(device, self.gen.dtype)
         c = state["counters"]
         self._last_seconds, self._total_seconds, self._frames = c["last_seconds"], c["total_seconds"], c["frames"]
         self.cache.load_state_dict(state["cache"])

@@ -164,6 +164,12 @@ class SamplerConfig:
     # uses 3 (toyworld/eval/START.md; 2 until session 16, whose weights let a blue triangle drift to purple at 2:
     # 48% of chunks kept, 100% at 3).
     context_guidance: float = 1.0
+    # Later chunks start at this step from the previous chunk's latents renoised to its level, not from pure noise
+    # (0: every chunk from pure noise, as Self-Forcing samples). A stream's first chunk, and the first after a reset,
+    # a cut or a recache, start from pure noise. The toy preset uses 1: its DiT reads its context as noise, and
+    # the previous chunk's 6% of signal at the first level it keeps holds the subject's shape (shape in later chunks
+    # 53-82% -> 76-94% on 17 prompts; toyworld/eval/RETRAIN_PLAN.md, "Session 19"), one DiT pass fewer per chunk.
+    continue_from_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -277,7 +283,8 @@ _TOY = Preset(
     # `python -m toyworld.sampler_sweep --scene` on prompts the evaluation never uses (toyworld/README.md): on the
     # session-17 weights 3 drew extra regions and rounder shapes in later chunks (one subject 60 -> 70%, shape 40 ->
     # 44% at 2; 1.5 a little more, but two of ten prompt switches then took 2 chunks instead of 1).
-    sampler=SamplerConfig(shift=5.0, between_steps="ode", guidance_scale=2.0, context_guidance=3.0),
+    sampler=SamplerConfig(shift=5.0, between_steps="ode", guidance_scale=2.0, context_guidance=3.0,
+                          continue_from_step=1),
     height=64,
     width=64,
     weights="toy.safetensors",

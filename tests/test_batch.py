@@ -94,6 +94,25 @@ def test_batched_sessions_equal_their_solo_runs_through_switches_resets_joins_an
     assert_same(got["c"], solo(gen, "c", 5))
 
 
+@pytest.fixture
+def continuing(gen):
+    """The tiny generator with later chunks starting from the previous one (`continue_from_step`), as the toy's."""
+    saved = gen.sampler
+    gen.sampler = FlowSampler(replace(gen.preset.sampler, continue_from_step=1))
+    yield gen
+    gen.sampler = saved
+
+
+def test_continuing_batch_equals_solo_with_rows_at_different_first_steps(continuing):
+    """Rows starting from pure noise (a first chunk, after a reset or a cut) and rows continuing their previous
+    chunk run as two batches in one step, each bit-identical to its session alone."""
+    timeline = [["a"], ["a", "b"], ["a", "b"], ["a", "b", "c"], ["a", "b", "c"], ["b", "c"]]
+    got = batched(continuing, timeline)
+    assert_same(got["a"], solo(continuing, "a", 5))
+    assert_same(got["b"], solo(continuing, "b", 5))
+    assert_same(got["c"], solo(continuing, "c", 3))
+
+
 def test_guided_batch_equals_solo(guided):
     got = batched(guided, [["a"], ["a", "c"], ["a", "c"]])
     assert_same(got["a"], solo(guided, "a", 3))

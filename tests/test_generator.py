@@ -139,3 +139,42 @@ def test_guided_sampling_runs_conditional_and_empty_prompt_passes(gen):
     assert guided_calls - plain_calls == 2 * gen.sampler.steps
     assert not np.array_equal(guided[1], plain[1])
     assert all(np.array_equal(a, b) for a, b in zip(guided, again))
+
+
+def test_later_chunks_continue_the_previous_one_unless_the_scene_restarts(gen):
+    """`SamplerConfig.continue_from_step`: a stream's first chunk starts from pure noise, every later one at that
+    step from the previous chunk (one DiT pass fewer); a cut, a recache or a reset starts afresh, a blend continues,
+    and a start picture is continued like a generated chunk. 0 keeps every chunk from pure noise."""
+    from dataclasses import replace
+
+    from packcache.sampler import FlowSampler
+    saved = gen.sampler
+    frame = np.zeros((64, 64, 3), np.uint8)
+    try:
+        gen.sampler = FlowSampler(replace(gen.preset.sampler, continue_from_step=1))
+        starts = []
+        with gen.open("a red circle", seed=3, cache="window") as s:
+            first_step = s._first_step
+            s._first_step = lambda: starts.append(first_step()) or starts[-1]
+            continued = [s.next_chunk() for _ in range(2)]
+            s.set_prompt("a blue square", transition="cut")
+            s.next_chunk()
+            s.set_prompt("a green circle", transition="blend", blend_chunks=2)
+            s.next_chunk()
+            s.set_prompt("a red square", transition="recache")
+            s.next_chunk()
+            s.reset()
+            s.next_chunk()
+            s.next_chunk()
+        assert starts == [0, 1, 0, 1, 0, 0, 1]
+        with gen.open("", seed=3, cache="packed", start=frame) as s:
+            first_step = s._first_step
+            s._first_step = lambda: starts.append(first_step()) or starts[-1]
+            s.next_chunk()                              # (the picture is committed at the first chunk's start)
+        assert starts[-1] == 1
+        gen.sampler = saved
+        fresh = run(gen, seed=3, chunks=2, cache="window")
+    finally:
+        gen.sampler = saved
+    assert np.array_equal(continued[0], fresh[0])        # the same first chunk: the same noise draw
+    assert not np.array_equal(continued[1], fresh[1])

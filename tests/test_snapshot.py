@@ -197,3 +197,26 @@ def test_snapshot_refused_while_closed(tiny_generator, tmp_path):
 
 if __name__ == "__main__":
     produce(Path(sys.argv[1]))
+
+
+def test_a_restored_session_continues_its_previous_chunk(tiny_generator, tmp_path):
+    """With `continue_from_step` the next chunk starts from the last one's latents: they are part of the state, so
+    a restored session's next chunk is the one the original would have drawn."""
+    from dataclasses import replace
+
+    from packcache.sampler import FlowSampler
+    saved = tiny_generator.sampler
+    tiny_generator.sampler = FlowSampler(replace(saved.config, continue_from_step=1))
+    try:
+        with tiny_generator.open(P0, seed=5) as s:
+            s.next_chunk()
+            s.next_chunk()
+            s.snapshot(tmp_path / "c.snapshot.safetensors")
+            want = [s.advance() for _ in range(2)]
+        with tiny_generator.restore(tmp_path / "c.snapshot.safetensors") as r:
+            assert r._first_step() == 1
+            got = [r.advance() for _ in range(2)]
+    finally:
+        tiny_generator.sampler = saved
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
