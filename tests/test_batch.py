@@ -2,6 +2,7 @@
 running it alone, across prompt switches, resets, joins and leaves, different chunk counts, guidance and caches;
 an error stays with its session."""
 
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -17,13 +18,22 @@ def gen(tiny_generator):
     return tiny_generator
 
 
+@contextmanager
+def sampler_with(gen, **changes):
+    """The generator with its preset's sampler changed, restored afterwards."""
+    saved = gen.sampler
+    gen.sampler = FlowSampler(replace(gen.preset.sampler, **changes))
+    try:
+        yield gen
+    finally:
+        gen.sampler = saved
+
+
 @pytest.fixture
 def guided(gen):
-    """The tiny generator with classifier-free guidance (2N rows per step), restored afterwards."""
-    saved = gen.sampler
-    gen.sampler = FlowSampler(replace(gen.preset.sampler, guidance_scale=3.0))
-    yield gen
-    gen.sampler = saved
+    """The tiny generator with classifier-free guidance (2N rows per step)."""
+    with sampler_with(gen, guidance_scale=3.0) as g:
+        yield g
 
 
 # A scripted stream: chunk index -> control applied before that chunk.
@@ -97,10 +107,8 @@ def test_batched_sessions_equal_their_solo_runs_through_switches_resets_joins_an
 @pytest.fixture
 def continuing(gen):
     """The tiny generator with later chunks starting from the previous one (`continue_from_step`), as the toy's."""
-    saved = gen.sampler
-    gen.sampler = FlowSampler(replace(gen.preset.sampler, continue_from_step=1))
-    yield gen
-    gen.sampler = saved
+    with sampler_with(gen, continue_from_step=1) as g:
+        yield g
 
 
 def test_continuing_batch_equals_solo_with_rows_at_different_first_steps(continuing):
