@@ -735,7 +735,7 @@ def train_first(preset, work: Path, seed: int, recipe: DiTRecipe, tune: FirstChu
             data_infos.append(make_first_chunk_dataset(preset, work, seed + tune.data_seed + k, tune.clips,
                                                        device=device))
             logger.info("first-chunk data of pass %d done in %.0fs", k + 1, data_infos[-1]["wall_s"])
-        first = torch.load(work / "data_first.pt")
+            first = torch.load(work / "data_first.pt")
         info = train_dit(preset, work, seed + 60, r, data=clips, device=device, init=final_dit_file(work),
                          out_name=TUNED_FILE, name="first", warmup=tune.warmup, mix=RecodeRecipe().mix, first=first,
                          first_share=tune.first_share, first_batch=tune.batch, clip_loss_from=tune.clip_loss_from)
