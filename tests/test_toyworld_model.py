@@ -245,6 +245,37 @@ def test_vae_stream_stage_tunes_the_decoder_alone(tmp_path):
     assert json.loads((work / "vae_stream.json").read_text())["steps"] == info["steps"] == 2
 
 
+def test_vae_blotch_stage_tunes_the_decoder_alone_under_blotches(tmp_path):
+    """Stage `vae_blotch` (BLOTCH_DECODER's settings, 2 steps of 2 short clips): as `vae_stream`, the decoder alone
+    changes, the previous copy is kept under the stage's own name and the report records the blotch settings."""
+    import json
+    from dataclasses import replace
+    from toyworld.train_vae import BLOTCH_DECODER, tune_stream_decoder
+    recipe = replace(BLOTCH_DECODER, steps=2, clip_batch=2, clip_frames=21)
+    work, before, info = run_vae_stage_on_shipped_vae(
+        tmp_path, lambda *a: tune_stream_decoder(*a, name="vae_blotch"), recipe)
+    assert (work / "vae_before_blotch.pt").read_bytes() == before and not (work / "vae_before_stream.pt").exists()
+    old, new = torch.load(work / "vae_before_blotch.pt"), torch.load(work / "vae.pt")
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    report = json.loads((work / "vae_blotch.json").read_text())
+    assert report["steps"] == 2 and report["recipe"]["blotch"] == BLOTCH_DECODER.blotch > 0
+
+
+def test_blotches_are_unit_spread_blurred_and_held_over_each_chunk():
+    """`blotches`: one draw per chunk of 3 latent frames (a chunk is denoised at once), spread 1 per sample and
+    chunk, and blurred: neighbouring latent pixels agree far more than white noise's do."""
+    from toyworld.train_vae import blotches
+    torch.manual_seed(0)
+    n = blotches(torch.Size((2, 16, 7, 8, 8)), blur=1.0)
+    assert n.shape == (2, 16, 7, 8, 8)
+    assert torch.equal(n[:, :, 0], n[:, :, 2]) and torch.equal(n[:, :, 3], n[:, :, 5])
+    assert not torch.equal(n[:, :, 2], n[:, :, 3])
+    assert torch.allclose(n[:, :, ::3].std(dim=(1, 3, 4)), torch.ones(2, 3), atol=1e-4)
+    neighbour = lambda x: float(torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1])
+    assert neighbour(n) > 0.6 > 0.2 > abs(neighbour(blotches(torch.Size((2, 16, 3, 8, 8)), blur=0.0)))
+
+
 def test_training_noise_levels_follow_the_recipe():
     """`sampler` levels sit within the jitter of the 4 levels the sampler visits, each of them drawn; `uniform`
     levels spread over (0, 1)."""
@@ -336,6 +367,11 @@ def test_vae_scene_ceiling_reads_every_pattern_and_shape(gen):
     assert all(r["chunks"] == 6 for r in c["by_pattern"]) and all(r["chunks"] == 8 for r in c["by_shape"])
     rows = {r["pattern"]: r for r in c["by_pattern"]}
     assert min(rows[k]["pattern_right"] for k in ("stripes", "checker", "gradient")) >= 2 / 3
+    # the reader is calibrated on these round trips: a plain background keeps only a texture fainter than any pattern
+    from toyworld.metrics import PATTERN_TEXTURE_STD
+    assert rows["solid"]["pattern_right"] >= 2 / 3
+    assert rows["solid"]["spread_median"] <= rows["solid"]["spread_max"] < PATTERN_TEXTURE_STD
+    assert min(rows[k]["spread_median"] for k in ("stripes", "checker", "gradient")) > PATTERN_TEXTURE_STD
     assert 0.0 < c["one_subject"] <= 1.0 and 0.0 <= c["shape"] <= 1.0
 
 
@@ -467,13 +503,14 @@ def test_recipe_takes_the_vae_from_a_bundle_when_it_does_not_train_one(tmp_path)
     bundle = tmp_path / "b.safetensors"
     save_file({"vae.conv.weight": torch.arange(6.0).reshape(2, 3), "transformer.x": torch.zeros(2)}, str(bundle))
     bundle.with_suffix(".json").write_text(json.dumps({"vae": {"steps": 7}, "vae_tune": {"steps": 3},
-                                                       "vae_stream": {"steps": 4}}))
+                                                       "vae_stream": {"steps": 4}, "vae_blotch": {"steps": 5}}))
     work = tmp_path / "w"
     work.mkdir()
     info = vae_from_bundle(bundle, work)
     state = torch.load(work / "vae.pt")
     assert list(state) == ["conv.weight"] and torch.equal(state["conv.weight"], torch.arange(6.0).reshape(2, 3))
     assert info["steps"] == 7 and info["tuned"] == {"steps": 3} and info["stream_decoder"] == {"steps": 4}
+    assert info["blotch_decoder"] == {"steps": 5}
     assert info["from"].endswith("b.safetensors")
     assert json.loads((work / "vae.json").read_text()) == info
     save_file({"transformer.x": torch.zeros(2)}, str(tmp_path / "novae.safetensors"))

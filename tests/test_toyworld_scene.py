@@ -44,6 +44,39 @@ def test_a_noisy_background_is_no_pattern():
     assert M.background_color(base) == "blue"
 
 
+def textured(frames: np.ndarray, spread: float, seed: int = 0) -> np.ndarray:
+    """`frames` with one blotchy texture on every frame (noise blurred to the VAE's latent scale, 8 px), scaled to
+    the reader's robust luma `spread`: the kind of texture the VAE leaves on a plain background."""
+    from scipy import ndimage
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=frames.shape[1:3]), 4)
+    q1, q3 = np.percentile(noise, [25, 75])
+    tex = noise / ((q3 - q1) / 1.349) * spread
+    return np.clip(frames + tex[None, :, :, None], 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("spread, read", [(1.5, "solid"), (4.0, "solid"), (8.0, "other")])
+def test_an_unexplained_texture_is_plain_only_while_fainter_than_any_drawn_pattern(spread, read):
+    """Below PATTERN_TEXTURE_STD an unstructured texture is the VAE's (a plain background through the VAE spreads up
+    to ~5.9, the faintest drawn pattern >= 4.7 and fits its template); above it, noise that is no pattern."""
+    base = render(Scene(Background("solid", "blue"), ()), 0, 4).astype(np.float32)
+    frames = textured(base, spread)
+    img, valid = M.background_image(frames)
+    feats = M.pattern_features(img, valid)
+    assert abs(feats["std"] - spread) < 0.35 * spread + 0.5
+    assert max(feats[f"{k}_r2"] for k in ("gradient", "stripes", "checker")) < M.PATTERN_MIN_R2
+    assert M.background_pattern(frames) == read
+
+
+def test_the_faintest_drawn_gradient_reads_as_a_gradient_under_the_same_texture():
+    """A dark gradient (the world's faintest pattern) stays a gradient with the VAE's texture on top: the template
+    fit decides before the spread does."""
+    bg = Background("gradient", "black", 0.0, 0.2)
+    frames = render(Scene(bg, ()), 0, 4)
+    img, valid = M.background_image(frames)
+    assert M.pattern_features(img, valid)["std"] < 2 * M.PATTERN_TEXTURE_STD
+    assert M.background_pattern(textured(frames.astype(np.float32), 2.5)) == "gradient"
+
+
 def test_subject_count_counts_shapes_of_distinct_colours_even_when_they_touch():
     res = S.check_counts(clips=12, frames_per_clip=3)
     assert res["one_subject_accuracy"] == 1.0

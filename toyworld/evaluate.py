@@ -204,6 +204,7 @@ def vae_scene_ceiling(gen, clips_per_cell: int = 2, chunks: int = 6, seed: int =
     rng = np.random.default_rng(seed)
     bounds = [gen.preset.chunk_video_frames(c) for c in range(chunks)]
     hits = {k: {"pattern": [], "shape": [], "one_subject": []} for k in (*BACKGROUNDS, *SHAPES, *range(chunks))}
+    spread = {k: [] for k in BACKGROUNDS}       # the background's robust luma spread, the reader's first feature
     for kind in BACKGROUNDS:
         for shape in SHAPES:
             for k in range(clips_per_cell):
@@ -217,6 +218,7 @@ def vae_scene_ceiling(gen, clips_per_cell: int = 2, chunks: int = 6, seed: int =
                     truth, read = M.scene_report(frames[a:b]), M.scene_report(out[a:b])
                     if truth["pattern"] == kind:
                         hits[kind]["pattern"].append(read["pattern"] == kind)
+                        spread[kind].append(M.pattern_features(*M.background_image(out[a:b]))["std"])
                         hits[c]["pattern"].append(read["pattern"] == kind)
                     if truth["shape"] == shape:
                         hits[shape]["shape"].append(read["shape"] == shape)
@@ -225,7 +227,9 @@ def vae_scene_ceiling(gen, clips_per_cell: int = 2, chunks: int = 6, seed: int =
                         hits[key]["one_subject"].append(read["one_subject"])
     share = lambda xs: float(np.mean(xs)) if xs else float("nan")
     by_pattern = [{"pattern": k, "chunks": len(hits[k]["pattern"]), "pattern_right": share(hits[k]["pattern"]),
-                   "one_subject": share(hits[k]["one_subject"])} for k in BACKGROUNDS]
+                   "one_subject": share(hits[k]["one_subject"]),
+                   "spread_median": float(np.median(spread[k])) if spread[k] else float("nan"),
+                   "spread_max": max(spread[k], default=float("nan"))} for k in BACKGROUNDS]
     by_shape = [{"shape": k, "chunks": len(hits[k]["shape"]), "shape_right": share(hits[k]["shape"]),
                  "one_subject": share(hits[k]["one_subject"])} for k in SHAPES]
     by_chunk = [{"chunk": c, "one_subject": share(hits[c]["one_subject"]), "shape_right": share(hits[c]["shape"]),
@@ -502,10 +506,14 @@ def main(argv=None):
                f"(a ceiling on the scene measures)\n",
                "Rendered one-subject clips of the shipped world (every pattern x shape, 2 clips each, 6 chunks), "
                "encoded chunk by chunk (as the DiT's training latents are) and decoded by one stream decoder by the "
-               "VAE alone, read as the stream's chunks are.\n",
+               "VAE alone, read as the stream's chunks are. Luma spread: the background's robust spread (0-255), "
+               f"which reads plain below {M.PATTERN_FLAT_STD:g}, and below {M.PATTERN_TEXTURE_STD:g} where no "
+               "pattern's template fits (toyworld/metrics.py).\n",
                md_table(ceil["by_pattern"], [("pattern", "background", ""), ("chunks", "chunks", "d"),
                                              ("pattern_right", "pattern read right", ".0%"),
-                                             ("one_subject", "one subject (frames)", ".0%")]), "",
+                                             ("one_subject", "one subject (frames)", ".0%"),
+                                             ("spread_median", "luma spread, median", ".1f"),
+                                             ("spread_max", "luma spread, max", ".1f")]), "",
                md_table(ceil["by_shape"], [("shape", "shape", ""), ("chunks", "chunks", "d"),
                                            ("shape_right", "shape read right", ".0%"),
                                            ("one_subject", "one subject (frames)", ".0%")]), "",

@@ -12,6 +12,8 @@ Stages (each saves its state under --work, so a stage can be re-run alone with -
    `vae_stream` (not in the default stages either, for the same reason) fine-tunes the decoder alone on
            stream-length clips, so a stream's later chunks decode as cleanly as its first (`StreamDecoderRecipe`);
            the encoder and so the DiT's latents stay as they were.
+   `vae_blotch` (not in the default stages either) fine-tunes the decoder alone once more, on latents with blotchy
+           noise (`BLOTCH_DECODER`): the DiT's error on a plain background, decoded flatter.
 2. `data`  encode 5-second clips (81 frames -> 21 latent frames = 7 chunks of 3) with the trained VAE; keep the
            scenes so captions can be re-drawn (augmented) at every step, and each latent position's foreground share.
 3. `dit`   the causal Wan DiT (packcache.model.CausalWanModel) by flow matching with teacher forcing: the sequence is
@@ -59,6 +61,7 @@ from .common import cosine_lr, noise_like, progress, save_curve, to_tensor
 from .drift import drift_colors
 from .metrics import foreground
 from .train_vae import (
+    BLOTCH_DECODER,
     StreamDecoderRecipe,
     VAERecipe,
     VAETuneRecipe,
@@ -785,10 +788,10 @@ def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
 
 # ===================================================================================================== main
 
-STAGES = ("vae", "vae_tune", "vae_stream", "data", "dit", "recode", "first", "drift", "hr", "memory", "pack")
-# `drift` and `memory` measured, not shipped (toyworld/README.md). `vae`, `vae_tune` and `vae_stream` are not in the
-# default either: the recipe takes the VAE from the shipped bundle (`--vae-from`, tuned since session 17, its decoder
-# since session 18) and spends its 90 CPU minutes on the DiT; `--stages vae,vae_tune,vae_stream,...` retrains it
+STAGES = ("vae", "vae_tune", "vae_stream", "vae_blotch", "data", "dit", "recode", "first", "drift", "hr", "memory", "pack")
+# `drift` and `memory` measured, not shipped (toyworld/README.md). The VAE stages are not in the default either: the
+# recipe takes the VAE from the shipped bundle (`--vae-from`, tuned since session 17, its decoder since session 18 and
+# 20) and spends its 90 CPU minutes on the DiT; `--stages vae,vae_tune,vae_stream,vae_blotch,...` retrains it
 # (toyworld/eval/RETRAIN_PLAN.md).
 DEFAULT_STAGES = ("data", "dit", "recode", "first", "hr", "pack")
 
@@ -804,7 +807,8 @@ def vae_from_bundle(bundle: Path, work: Path) -> dict:
     sidecar = bundle.with_suffix(".json")
     report = json.loads(sidecar.read_text()) if sidecar.exists() else {}
     trained = {**report.get("vae", {}), **({"tuned": report["vae_tune"]} if "vae_tune" in report else {}),
-               **({"stream_decoder": report["vae_stream"]} if "vae_stream" in report else {})}
+               **({"stream_decoder": report["vae_stream"]} if "vae_stream" in report else {}),
+               **({"blotch_decoder": report["vae_blotch"]} if "vae_blotch" in report else {})}
     info = {**trained, "from": str(bundle.resolve().relative_to(ROOT) if bundle.resolve().is_relative_to(ROOT)
                                    else bundle)}
     (work / "vae.json").write_text(json.dumps(info))
@@ -815,7 +819,7 @@ def vae_retune_warnings(stages: list[str], summary: dict) -> list[str]:
     """One line per VAE tuning stage asked for on a VAE that has had it already (taken from a bundle that records
     it, or run earlier in this work folder): running it again tunes further, which is rarely what was meant."""
     out = []
-    for stage, key in (("vae_tune", "tuned"), ("vae_stream", "stream_decoder")):
+    for stage, key in (("vae_tune", "tuned"), ("vae_stream", "stream_decoder"), ("vae_blotch", "blotch_decoder")):
         if stage in stages and "vae" not in stages and (key in summary.get("vae", {}) or stage in summary):
             out.append(f"{stage}: the work folder's VAE has had this stage already (from "
                        f"{summary.get('vae', {}).get('from', 'an earlier run')}); running it again tunes it further "
@@ -925,7 +929,8 @@ def main(argv=None):
     if "vae" in stages:
         summary["vae"] = train_vae(preset, work, args.seed, VAERecipe(steps=args.vae_steps), device=device)
         logger.info("vae done in %.0fs: l1 %.4f", summary["vae"]["wall_s"], summary["vae"]["final_l1"])
-    elif not (work / "vae.pt").exists() and {"vae_tune", "vae_stream", "data", "recode", "first", "pack"} & set(stages):
+    elif not (work / "vae.pt").exists() and {"vae_tune", "vae_stream", "vae_blotch", "data", "recode", "first",
+                                             "pack"} & set(stages):
         summary["vae"] = vae_from_bundle(args.vae_from, work)
         logger.info("vae taken from %s", summary["vae"]["from"])
     for line in vae_retune_warnings(stages, summary):
@@ -940,6 +945,11 @@ def main(argv=None):
                                                     world_for(work, args.seed + 8), device=device)
         logger.info("vae_stream done in %.0fs: chroma %.4f", summary["vae_stream"]["wall_s"],
                     summary["vae_stream"]["final_chroma"])
+    if "vae_blotch" in stages:
+        summary["vae_blotch"] = tune_stream_decoder(preset, work, args.seed, BLOTCH_DECODER,
+                                                    world_for(work, args.seed + 10), device=device, name="vae_blotch")
+        logger.info("vae_blotch done in %.0fs: chroma %.4f", summary["vae_blotch"]["wall_s"],
+                    summary["vae_blotch"]["final_chroma"])
     if "data" in stages:
         summary["data"] = make_dataset(preset, work, args.seed, args.clips, device=device,
                                        drifted_copies="drift" in stages)
