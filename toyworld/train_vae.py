@@ -85,8 +85,9 @@ BLOTCH_DECODER = StreamDecoderRecipe(steps=300, blotch=0.6, blotch_blur=0.5)
 added: Gaussian noise blurred over half a latent pixel, one draw held over each chunk's three latent frames, of an
 amplitude drawn per clip up to 0.6 (the latents are unit-scale). That is the DiT's error on a plain background: the
 model's latents there spread no more than the encoder's (0.28 vs 0.27 away from the subject), but the decoder turned
-their blotches into a texture of luma spread 6-7 where the true latents give 2.8; per-frame white noise of that size
-it had learned to ignore (`VAERecipe.latent_noise`), a draw held over a chunk it had not. The encoder and so the
+their blotches into a texture of luma spread 6-7 where the true latents give 2.8. Per-frame white noise it had
+learned to tolerate (`VAERecipe.latent_noise`; the reader's median over a chunk removes the rest), a draw held over a
+chunk it had not. The encoder and so the
 DiT's latents stay as they were. Measured from the shipped VAE and DiT over every plain-background prompt of the
 evaluation (18 x 8 chunks): the texture's luma spread (10th/50th/90th percentile) 4.8/6.2/8.3 -> 4.1/5.3/6.9. The
 VAE alone on rendered clips: plain backgrounds flatter (median spread 2.8 -> 2.6), gradients a little fainter
