@@ -788,12 +788,15 @@ def pack(preset, work: Path, out: Path, extra_info: dict) -> None:
 
 # ===================================================================================================== main
 
-STAGES = ("vae", "vae_tune", "vae_stream", "vae_blotch", "data", "dit", "recode", "first", "drift", "hr", "memory", "pack")
+STAGES = ("vae", "vae_tune", "vae_stream", "vae_blotch", "data", "dit", "recode", "first", "drift", "hr", "memory",
+          "pack")
 # `drift` and `memory` measured, not shipped (toyworld/README.md). The VAE stages are not in the default either: the
 # recipe takes the VAE from the shipped bundle (`--vae-from`, tuned since session 17, its decoder since session 18 and
 # 20) and spends its 90 CPU minutes on the DiT; `--stages vae,vae_tune,vae_stream,vae_blotch,...` retrains it
 # (toyworld/eval/RETRAIN_PLAN.md).
 DEFAULT_STAGES = ("data", "dit", "recode", "first", "hr", "pack")
+# each VAE tuning stage and the key its report goes under in the VAE's own report (`vae_from_bundle`)
+VAE_TUNING_KEYS = (("vae_tune", "tuned"), ("vae_stream", "stream_decoder"), ("vae_blotch", "blotch_decoder"))
 
 
 def vae_from_bundle(bundle: Path, work: Path) -> dict:
@@ -806,9 +809,7 @@ def vae_from_bundle(bundle: Path, work: Path) -> dict:
     torch.save(state, work / "vae.pt")
     sidecar = bundle.with_suffix(".json")
     report = json.loads(sidecar.read_text()) if sidecar.exists() else {}
-    trained = {**report.get("vae", {}), **({"tuned": report["vae_tune"]} if "vae_tune" in report else {}),
-               **({"stream_decoder": report["vae_stream"]} if "vae_stream" in report else {}),
-               **({"blotch_decoder": report["vae_blotch"]} if "vae_blotch" in report else {})}
+    trained = {**report.get("vae", {}), **{key: report[stage] for stage, key in VAE_TUNING_KEYS if stage in report}}
     info = {**trained, "from": str(bundle.resolve().relative_to(ROOT) if bundle.resolve().is_relative_to(ROOT)
                                    else bundle)}
     (work / "vae.json").write_text(json.dumps(info))
@@ -819,7 +820,7 @@ def vae_retune_warnings(stages: list[str], summary: dict) -> list[str]:
     """One line per VAE tuning stage asked for on a VAE that has had it already (taken from a bundle that records
     it, or run earlier in this work folder): running it again tunes further, which is rarely what was meant."""
     out = []
-    for stage, key in (("vae_tune", "tuned"), ("vae_stream", "stream_decoder"), ("vae_blotch", "blotch_decoder")):
+    for stage, key in VAE_TUNING_KEYS:
         if stage in stages and "vae" not in stages and (key in summary.get("vae", {}) or stage in summary):
             out.append(f"{stage}: the work folder's VAE has had this stage already (from "
                        f"{summary.get('vae', {}).get('from', 'an earlier run')}); running it again tunes it further "
