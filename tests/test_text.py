@@ -130,3 +130,20 @@ def test_minilm_semantics(minilm) -> None:
 def test_minilm_wrong_dim() -> None:
     with pytest.raises(PresetError, match="384"):
         build_text_encoder(TextConfig(kind="minilm", dim=32))
+
+
+def test_cached_encoder_matches_its_encoder_and_encodes_each_prompt_once(minilm) -> None:
+    from packcache.text import CachedTextEncoder
+    cached = CachedTextEncoder(minilm, capacity=3)
+    batch = ["a red circle", "", "a blue square on a striped background", "a red circle"]
+    out = cached.encode(batch)
+    torch.testing.assert_close(out, minilm.encode(batch), atol=1e-5, rtol=0)
+    assert (cached.hits, cached.misses) == (1, 3)          # the repeat within the batch is encoded once
+    again = cached.encode(["a red circle", "a green triangle"])     # one kept, one new: the oldest kept goes
+    torch.testing.assert_close(again[0], out[0], atol=0, rtol=0)
+    assert (cached.hits, cached.misses) == (2, 4) and len(cached) == 3
+    assert "" not in cached._rows and torch.all(again[1, 8:] == 0)   # trimmed rows come back zero-padded
+    torch.testing.assert_close(again, minilm.encode(["a red circle", "a green triangle"]), atol=1e-5, rtol=0)
+    assert cached.encode([]).shape == (0, MINILM.max_tokens, MINILM.dim)
+    with pytest.raises(ValueError):
+        CachedTextEncoder(minilm, capacity=0)

@@ -392,8 +392,9 @@ class CaptionSampler:
 
     def __init__(self, preset, scenes: list[dict], seed: int, null_prob: float = 0.0, mix: ClipMix = ClipMix(),
                  encoder=None, return_bg_color_drop: float = 0.0):
-        from packcache.text import build_text_encoder
-        self.encoder = encoder or build_text_encoder(preset.text)     # samplers of one loop share one encoder
+        from packcache.text import CachedTextEncoder, build_text_encoder
+        # samplers of one loop share one encoder, and its embeddings of the captions drawn so far
+        self.encoder = encoder or CachedTextEncoder(build_text_encoder(preset.text))
         self.scenes = [scene_from_dict(d) for d in scenes]
         self.kinds = [d.get("clip", "normal") for d in scenes]
         self.rng = np.random.default_rng(seed)
