@@ -25,8 +25,8 @@ from .presets import TextConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TINY_TEXT_SEED", "CachedTextEncoder", "MiniLMTextEncoder", "TextEncoder", "UMT5TextEncoder", "build_text_encoder",
-           "text_dtype"]
+__all__ = ["TINY_TEXT_SEED", "CachedTextEncoder", "MiniLMTextEncoder", "TextEncoder", "UMT5TextEncoder",
+           "build_text_encoder", "text_dtype"]
 
 TINY_TEXT_SEED = 0
 MINILM_DIM = 384

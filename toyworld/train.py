@@ -327,7 +327,7 @@ class FirstChunkRecipe:
                                   #   session 18's third: shape 47 -> 57% on a 17-prompt subset, session 19's fourth
                                   #   and fifth (fresh clips): 60 -> 71 -> 77% (eval/RETRAIN_PLAN.md). 4 since session
                                   #   21: a fresh run's fourth pass meets issue 16's targets (shape 82%) and the
-                                  #   recipe fits the 90 minutes (88 measured), which five did not (93-96)
+                                  #   recipe fits the 90 minutes (88.2 measured); five did not (93.3, ~97)
     first_share: float = 1.0
     batch: int = 32
     lr: float = 1e-3
