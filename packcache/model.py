@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,6 +52,7 @@ class AttnPlan:
     canon_cos: torch.Tensor | None = None  # rotation at canonical positions, used for what gets written
     canon_sin: torch.Tensor | None = None
     mask: torch.Tensor | None = None       # bool (N, N + Nctx) for sequence passes
+    observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None   # (layer, q_rot, k_rot), training views
 
 
 class PromptContext:
@@ -106,6 +107,8 @@ class CausalSelfAttnProcessor:
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         q_rot = Rope3D.apply(q, plan.cos, plan.sin)
         k_rot = Rope3D.apply(k, plan.cos, plan.sin)
+        if plan.observe is not None:
+            plan.observe(self.layer, q_rot, k_rot)
         if plan.kv is not None:
             ctx = _kv_exchange(plan.kv, self.layer, q_rot, k, k_rot, v, plan.canon_cos, plan.canon_sin)
             if hasattr(ctx, "attend"):   # several sessions in one batch (packcache.batch): contexts per row
@@ -336,12 +339,15 @@ class CausalWanModel(nn.Module):
         inputs: Sequence[torch.Tensor],
         timesteps: Sequence[torch.Tensor],
         prompt: PromptContext,
+        observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """One pass over a layout's training view; returns the output of its last segment (the current chunk).
 
         inputs, one per segment: latents (B, C, T, H, W) for a full-resolution segment, tokens (B, N, dim) for a
         compressed one; timesteps, one (B,) per segment (0 for clean context). Positions and the attention mask come
         from the view, so this pass sees what the cache shows the current chunk at inference (tests/test_layout.py).
+        `observe(layer, q_rot, k_rot)`, when given, sees every layer's rotated queries and keys (B, N, H, D) of the
+        whole view: what a training loss on the selection's affinities reads (toyworld/train_hr.py `MidAffinity`).
         """
         parts, per_token_t = [], []
         for seg, x, t in zip(view.segments, inputs, timesteps, strict=True):
@@ -354,6 +360,6 @@ class CausalWanModel(nn.Module):
         x = torch.cat(parts, dim=1)
         temb, proj = self._time(torch.cat(per_token_t, dim=1), x)
         cos, sin = self.rope.cos_sin(view.positions(), x.device)
-        x = self._blocks(x, prompt, proj, AttnPlan(cos=cos, sin=sin, mask=view.mask().to(x.device)))
+        x = self._blocks(x, prompt, proj, AttnPlan(cos=cos, sin=sin, mask=view.mask().to(x.device), observe=observe))
         last = view.segments[-1]
         return self._head(x[:, -last.tokens:], temb[:, -last.tokens:], last.grid)

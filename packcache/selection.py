@@ -22,6 +22,10 @@ picks the top k of its average; with `importance_decay` 0 that is the paper's pe
 the block whose average, summed over layers, is lowest.
 
 `fifo` selection (the paper's ablation baseline) attends to the k newest blocks and evicts the oldest.
+
+The ranking is the paper's and is not learnt here, but what it ranks is the model's own queries and keys: the toy
+model's optional `memory` training stage adds a hinge on `block_affinity` (toyworld/train_memory.py
+`selection_loss`) so that a block holding what the stream will need outscores empty ones.
 """
 
 from __future__ import annotations
@@ -29,20 +33,26 @@ from __future__ import annotations
 import torch
 
 
-def block_scores(q_sum: torch.Tensor, q_count: int, key_sums: torch.Tensor, key_count: int,
-                 head_fraction: float = 0.5) -> torch.Tensor:
-    """Mean per-token affinity of each block: (M,).
+def block_affinity(q_sum: torch.Tensor, q_count: int, key_sums: torch.Tensor, key_count: int,
+                   head_fraction: float = 0.5) -> torch.Tensor:
+    """Mean per-token affinity of each block for each batch row: (M, B).
 
     q_sum (B, H, D): the sum of the scoring queries (rotated to their packed positions), q_count of them;
     key_sums (M, B, H, D): each block's summed keys (rotated), key_count keys per block. The affinity is
-    (q_sum . key_sum) / (q_count * key_count * sqrt(D)), averaged over the batch and the first
-    round(H * head_fraction) heads ("half-head evaluation").
+    (q_sum . key_sum) / (q_count * key_count * sqrt(D)), averaged over the first round(H * head_fraction) heads
+    ("half-head evaluation"). Differentiable: the memory stage's selection loss trains on it (toyworld/train_hr.py).
     """
     heads = max(1, round(q_sum.shape[1] * head_fraction))
     qs = q_sum[:, :heads].float()                                    # (B, h, D)
     ks = key_sums[:, :, :heads].float()                              # (M, B, h, D)
     logits = (ks * qs[None]).sum(-1) / (q_sum.shape[-1] ** 0.5 * q_count * key_count)   # (M, B, h)
-    return logits.mean(dim=(1, 2))
+    return logits.mean(dim=2)
+
+
+def block_scores(q_sum: torch.Tensor, q_count: int, key_sums: torch.Tensor, key_count: int,
+                 head_fraction: float = 0.5) -> torch.Tensor:
+    """What the cache ranks by: `block_affinity` averaged over the batch, (M,)."""
+    return block_affinity(q_sum, q_count, key_sums, key_count, head_fraction).mean(dim=1)
 
 
 class BlockImportance:

@@ -67,9 +67,11 @@ def test_every_cached_key_equals_rope_at_the_layout_position():
     assert layout.position_range == (0.0, cache.anchor + GEO.chunk_frames)
 
 
-def test_training_view_equals_the_inference_view():
-    """Chunks 0..3 stream through the packed cache (sink 1, mids 1-2, recent 3); chunk 4's output from the cache
-    equals the one-pass training view of the same layout fed the same latents and compressed tokens."""
+def _chunk_four_both_ways(make_observer=None, reader_wrap=None, scores=None):
+    """Chunks 0..3 stream through the packed cache (sink 1, mids 1-2, recent 3); chunk 4 runs once through the
+    cache's reader and once as the one-pass training view of the same layout, fed the same latents and compressed
+    tokens. `make_observer(view)` builds the view pass's `observe`; `reader_wrap` wraps the cache's reader.
+    Returns (cache output, view output, cache, observer)."""
     torch.manual_seed(0)
     gen = Generator.from_preset("tiny", device="cpu")
     model = gen.model
@@ -85,8 +87,9 @@ def test_training_view_equals_the_inference_view():
         x = torch.randn(latents[0].shape, generator=torch.Generator().manual_seed(9))
         t = torch.tensor([700.0])
         prompt = s._prompt_ctx
+        reader = cache.reader() if reader_wrap is None else reader_wrap(cache.reader())
         with torch.no_grad():
-            v_cache = model.forward_chunk(x, t, prompt, cache.reader(), anchor)
+            v_cache = model.forward_chunk(x, t, prompt, reader, anchor)
         inference = cache.layout()
         train = build_layout(gen.chunk_grid, gen.block_grid, anchor, sink=[0], mid=[1, 2], recent=[3], current=4,
                              recent_chunks=cache.recent_cap)
@@ -100,11 +103,52 @@ def test_training_view_equals_the_inference_view():
         inputs = [tokens[seg.chunk] if seg.kind == "mid" else x if seg.kind == "current" else latents[seg.chunk]
                   for seg in view.segments]
         timesteps = [t if seg.kind == "current" else torch.zeros(1) for seg in view.segments]
+        observer = make_observer(view, model) if make_observer else None
         with torch.no_grad():
-            v_view = model.forward_view(view, inputs, timesteps, prompt)
+            v_view = model.forward_view(view, inputs, timesteps, prompt, observe=observer)
+        taken = scores(cache) if scores else None
+    return v_cache, v_view, taken, observer
+
+
+def test_training_view_equals_the_inference_view():
+    v_cache, v_view, _, _ = _chunk_four_both_ways()
     assert v_view.shape == v_cache.shape
     torch.testing.assert_close(v_view, v_cache, rtol=1e-4, atol=1e-4)
     assert v_cache.abs().mean() > 1e-3      # a real output, not zeros on both sides
+
+
+def test_training_view_affinity_equals_the_cache_selection_scores():
+    """What the memory stage's selection loss trains (`train_hr.MidAffinity` on the training view) is what top-k
+    ranks at inference: the cache's per-block scores from the same chunk's queries, layer by layer."""
+    from packcache.presets import get_preset
+    from toyworld.train_hr import MidAffinity
+
+    cache_config = get_preset("tiny").cache
+    queries: dict[int, torch.Tensor] = {}
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+            self.writes = inner.writes
+
+        def context(self, layer, q):
+            queries[layer] = q.clone()
+            return self.inner.context(layer, q)
+
+        def write(self, layer, k, v):
+            self.inner.write(layer, k, v)
+
+    def cache_scores(cache):
+        slots = [int((cache.mid_chunk_ids == chunk).nonzero()) for chunk in (1, 2)]
+        return [cache._scores(layer, queries[layer], cache._plan)[slots] for layer in range(cache.geo.layers)]
+
+    _, _, by_layer, affinity = _chunk_four_both_ways(
+        make_observer=lambda view, model: MidAffinity(view, model.rope, cache_config.score_head_fraction),
+        reader_wrap=Recording, scores=cache_scores)
+    assert len(affinity.layers) == len(by_layer) >= 2
+    for view_scores, want in zip(affinity.layers, by_layer):
+        torch.testing.assert_close(view_scores[:, 0], want, rtol=1e-4, atol=1e-5)
+        assert (want[0] - want[1]).abs() > 1e-4     # the blocks score apart: slots or shifts mixed up would show
 
 
 def test_training_view_mask_follows_the_commit_time_contexts():

@@ -646,6 +646,21 @@ def test_memory_stage_views_put_the_subject_in_the_mid_blocks_only(shown):
     assert empty_too / 400 > 0.5               # the subject's block is ranked against empty ones
 
 
+def test_selection_loss_lifts_the_subjects_blocks_above_the_empty_ones():
+    """The memory stage's hinge on the cache's affinities: zero once every subject block leads every empty one by
+    the margin in every layer and batch row; otherwise its gradient raises the subject's and lowers the empty ones';
+    no pair, no loss."""
+    from toyworld.train_memory import selection_loss
+    aff = torch.tensor([[[0.0, 1.0], [0.3, 0.0]], [[0.2, 0.9], [0.0, 0.0]]], requires_grad=True)   # (2, 2, 2)
+    loss = selection_loss(aff, [True, False], margin=0.5)
+    loss.backward()
+    # gaps (subject - empty) per layer and row: -0.3, 1.0 | 0.2, 0.9 -> hinges 0.8, 0, 0.3, 0
+    assert loss.item() == pytest.approx((0.8 + 0.3) / 4)
+    assert aff.grad[0, 0, 0] < 0 < aff.grad[0, 1, 0] and aff.grad[1, 0, 0] < 0 < aff.grad[1, 1, 0]
+    assert aff.grad[:, :, 1].abs().sum() == 0          # rows already apart by the margin are left alone
+    assert selection_loss(aff, [True, True], 0.5) is None and selection_loss(aff, [False, False], 0.5) is None
+
+
 def test_memory_stage_ordinary_views_cover_every_chunk_with_a_mid_block():
     """Packed-view steps on ordinary clips: any chunk that has a mid chunk before its recent window, with up to
     `mid_shown` distinct mid chunks between the sink and the recent window."""
@@ -673,7 +688,7 @@ def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
     from toyworld.train_memory import MemoryRecipe, train_memory
     p = dit_work_folder(tmp_path)
     tune = MemoryRecipe(clips=8, chunks=7, steps=8, batch=2, recode_share=0.25, ordinary_share=0.25, ordinary_clips=3,
-                        first_share=0.25, first_batch=4)
+                        first_share=0.25, first_batch=4, select_weight=1.0)
     with pytest.raises(SystemExit, match="recode and hr"):
         train_memory(p, tmp_path, 0, DiTRecipe(batch=2), tune)
     save_recode_clips(tmp_path)
@@ -687,6 +702,7 @@ def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
     assert data["latents"].shape == (8, 16, 7 * p.cache.chunk_frames, 8, 8)
     assert data["lr_tokens"].shape[:2] == (8, 7) and len(data["shape"]) == len(data["scenes"]) == 8
     assert info["steps"] == 8 and np.isfinite(info["final_loss"]), info
+    assert info["selection_final_loss"] is None or np.isfinite(info["selection_final_loss"])
     assert_stage_tuned_the_dit(tmp_path)
     assert torch.load(tmp_path / "data_memory_ordinary.pt")["tokens"].shape[:2] == (3, 7)   # the recode clips' LR tokens
     # the stage tuned the DiT's patch embedding, which the LR tokens depend on: a run from it encodes afresh

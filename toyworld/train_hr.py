@@ -48,11 +48,47 @@ def lr_tokens_for(preset, model, vae_wrapper, compressor, latents: torch.Tensor,
     return torch.stack(out)
 
 
+class MidAffinity:
+    """`forward_view`'s observer: per layer, the affinity the packed cache's top-k selection gives each mid block of
+    a training view, (M, B) (`packcache.selection.block_affinity`, kept differentiable).
+
+    As the cache scores its bank (`BoundedKVCache._scores`): the summed queries of the recent chunks and the current
+    chunk at their packed positions, and every mid block's summed keys moved in time to the newest mid block's
+    start (the cache rotates its whole bank to that one position, so a block's score does not depend on its slot).
+    tests/test_layout.py holds the two equal."""
+
+    def __init__(self, view, rope, head_fraction: float):
+        self.rope, self.head_fraction = rope, head_fraction
+        spans, pos = [], 0
+        for seg in view.segments:
+            spans.append((seg, pos, pos + seg.tokens))
+            pos += seg.tokens
+        self.queries = [(a, b) for seg, a, b in spans if seg.kind in ("recent", "current")]
+        self.mids = [(a, b) for seg, a, b in spans if seg.kind == "mid"]
+        mids = [seg for seg, _, _ in spans if seg.kind == "mid"]
+        self.key_count = mids[0].tokens if mids else 0
+        self.shift = torch.tensor([mids[-1].start - m.start for m in mids], dtype=torch.float64)
+        self.layers: list[torch.Tensor] = []
+
+    def __call__(self, layer: int, q_rot: torch.Tensor, k_rot: torch.Tensor) -> None:
+        from packcache.selection import block_affinity
+        if not self.mids:
+            return
+        q_sum = sum(q_rot[:, a:b].float().sum(dim=1) for a, b in self.queries)                 # (B, H, D)
+        count = sum(b - a for a, b in self.queries)
+        ks = torch.stack([k_rot[:, a:b].float().sum(dim=1) for a, b in self.mids])             # (M, B, H, D)
+        cos, sin = self.rope.temporal_cos_sin(self.shift, ks.device)
+        ks = self.rope.rotate_temporal(ks, cos[:, None, None], sin[:, None, None])
+        self.layers.append(block_affinity(q_sum, count, ks, self.key_count, self.head_fraction))
+
+
 def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.Tensor, text, gen: torch.Generator,
-                     current: int, mids: list[int], recipe=None, fg: torch.Tensor | None = None) -> torch.Tensor:
+                     current: int, mids: list[int], recipe=None, fg: torch.Tensor | None = None,
+                     affinity_out: list | None = None) -> torch.Tensor:
     """Flow-matching loss of chunk `current` denoised against [sink ; compressed `mids` ; recent] (see module doc).
     `fg` (B, T, h, w): the current chunk's foreground share per latent position, weighed up by the recipe's
-    `fg_weight` as the DiT stage does (the memory stage: the subject is what the mid blocks are for)."""
+    `fg_weight` as the DiT stage does (the memory stage: the subject is what the mid blocks are for).
+    `affinity_out`: when given, receives the (layers, M, B) selection affinities of the `mids` (`MidAffinity`)."""
     from packcache.compress import block_grid
     from packcache.layout import build_layout
 
@@ -80,7 +116,10 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
         else:
             inputs.append(xn if seg.kind == "current" else sl(seg.chunk))
         timesteps.append(sigma * 1000.0 if seg.kind == "current" else torch.zeros(b, device=dev))
-    v = model.forward_view(view, inputs, timesteps, model.embed_text(text))
+    observer = MidAffinity(view, model.rope, c.score_head_fraction) if affinity_out is not None else None
+    v = model.forward_view(view, inputs, timesteps, model.embed_text(text), observe=observer)
+    if observer is not None:
+        affinity_out.append(torch.stack(observer.layers))
     if fg is None:
         return F.mse_loss(v.float(), eps - sl(current))
     w = 1.0 + foreground_weight(fg.float().to(dev), (recipe or DiTRecipe()).fg_weight)          # (B, T, h, w)
