@@ -39,6 +39,8 @@ def test_ablate_writes_rows_table_and_strip(tmp_path):
             assert np.isfinite(r[key]), key
         assert 0 <= r["memory_recall"] <= 1 and 0 <= r["subject_consistency"] <= 1
         assert 0 <= r["subject_drawn"] <= 1 and r["memory_recall"] <= r["subject_drawn"]   # recall needs a subject
+        assert 0 <= r["picture_kept"] <= 1 and list(r["picture_colours"]) == ["red circle"]  # --quick: one picture
+        assert len(r["picture_colours"]["red circle"].split()) == 5      # 3 s of video: 9 + 4 x 12 frames
     assert rows["packed fifo"]["memory_recall_forced"] is None        # FIFO selection cannot be forced
     assert 0 <= rows["no sink"]["memory_recall_forced"] <= 1
     assert "fifo" in rows["packed fifo"]["setting"] and "sink 0" in rows["no sink"]["setting"]
@@ -47,6 +49,7 @@ def test_ablate_writes_rows_table_and_strip(tmp_path):
     assert 0 <= rows["no sink"]["subject_blocks_selected"] <= 1
     assert rows["no sink"]["attended_tokens"] < rows["packed fifo"]["attended_tokens"]   # the sink's tokens
     assert "| packed fifo |" in (tmp_path / "ABLATIONS.md").read_text()
+    assert "picture kept, no prompt" in (tmp_path / "ABLATIONS.md").read_text()
     assert (tmp_path / "ablations.png").stat().st_size > 0
     # a report merged from part runs keeps the rows and their strip rows
     assert ablate.main(["--merge", str(tmp_path), "--out", str(tmp_path / "merged")]) == 0

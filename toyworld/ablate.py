@@ -16,6 +16,10 @@ sink, the compressor as `hr`, `lr` and `pool`, the sink + sliding `window`, and 
 * the 120 s extrapolation (24x the 5 s training clips, as `toyworld.evaluate`): `subject_consistency` is colour and
   shape agreement with the first second, averaged over 10 s windows; K/V KiB, attended tokens per layer and
   seconds per chunk at the end of it;
+* the same length from a start picture with an empty prompt (`toyworld.start_image`'s subjects): `picture_kept` is
+  the share of chunks in the picture's colour. Here nothing but the stream's own memory holds the subject; in the
+  text extrapolation the prompt, re-read every chunk, pins it whatever the cache keeps (no sink loses nothing
+  there), so this is where the sink's and the full history's part show;
 * prompt following on a few of the evaluation's prompts (share of chunks in the prompt's colour).
 
 The strip PNG has one row per variant: the memory test's generated chunks (first trial, one frame each), then one
@@ -94,8 +98,9 @@ def memory_gap(preset) -> int:
 
 
 def run_variant(gen, v: Variant, trials: list, probe: int, seconds: float, prompts: list[str],
-                prompt_chunks: int) -> tuple[dict, dict]:
+                prompt_chunks: int, pictures: list[int]) -> tuple[dict, dict]:
     from .evaluate import long_run, prompt_following
+    from .start_image import keep_picture
     # the same script for every variant: the shipped preset's sink and gap (no sink: those chunks go to the bank)
     sink, gap = gen.preset.cache.sink_chunks, memory_gap(gen.preset)
     with applied(gen, v):
@@ -108,6 +113,7 @@ def run_variant(gen, v: Variant, trials: list, probe: int, seconds: float, promp
         t0 = time.perf_counter()
         long = long_run(gen, v.cache, seconds)
         windows = M.window_report(long["frames"], window_s=10.0)
+        kept = [keep_picture(gen, i, v.cache, seconds) for i in pictures]
         _, follow = prompt_following(gen, prompts, chunks=prompt_chunks, cache=v.cache)
         log.info("%s: %.0f s", v.name, time.perf_counter() - t0)
         c = gen.preset.cache
@@ -129,6 +135,9 @@ def run_variant(gen, v: Variant, trials: list, probe: int, seconds: float, promp
         "attended_tokens": attended,
         "s_per_chunk": long["wall_s"] / long["chunks"],
         "subject_last_10s": windows[-1]["subject_consistency"],
+        "picture_kept": _mean_or_none([k["kept"] for k in kept]),
+        "picture_last_10s": _mean_or_none([k["last_10s"] for k in kept]),
+        "picture_colours": {k["subject"]: " ".join(str(c) for c in k["colors"]) for k in kept},
         "memory_colours": [" ".join(str(g) for g in m["got"]) for m in mem],
         "seconds": len(long["frames"]) / gen.fps,
     }
@@ -157,6 +166,7 @@ COLUMNS = [("variant", "variant", ""), ("setting", "cache", ""), ("memory_recall
            ("subject_drawn", "probe chunks with a subject", ".2f"),
            ("subject_blocks_selected", "subject blocks selected", ".2f"),
            ("subject_consistency", "subject consistency", ".2f"), ("subject_last_10s", "subject, last 10 s", ".2f"),
+           ("picture_kept", "picture kept, no prompt", ".2f"), ("picture_last_10s", "picture, last 10 s", ".2f"),
            ("prompt_following", "prompt following", ".0%"), ("kv_kib", "K/V KiB", ".0f"),
            ("attended_tokens", "attended tokens", ""), ("s_per_chunk", "s/chunk", ".3f")]
 
@@ -177,7 +187,9 @@ def write_report(rows: list[dict], meta: dict, out: Path, strip_rows: list[np.nd
           f"{meta['threads']}, {meta['wall_s']:.0f} s of wall time. Memory test: {m['trials']} trials, the subject in "
           f"view for {m['seen']} chunks after {m['sink']} empty sink chunks, then {m['gap']} empty chunks, then "
           f"{m['probe']} generated chunks under a prompt without a colour (chance about 0.12). Extrapolation: "
-          f"{meta['seconds']:.0f} s, subject consistency averaged over 10 s windows. Prompt following: "
+          f"{meta['seconds']:.0f} s, subject consistency averaged over 10 s windows; from a start picture with an "
+          f"empty prompt ({meta.get('pictures', 0)} subjects of `toyworld.start_image`), the share of chunks in the "
+          "picture's colour. Prompt following: "
           f"{meta['prompt_following']['prompts']} prompts x {meta['prompt_following']['chunks']} chunks. Strip: "
           "`ablations.png` (rows in table order; the memory test's generated chunks, a gap, then one frame every "
           "10 s of the extrapolation).\n"]
@@ -243,9 +255,12 @@ def main(argv=None) -> int:
     else:
         from packcache import Generator
         gen = Generator.from_preset(args.preset, device="cpu")
+    from .start_image import SUBJECTS
     trials, probe, seconds, prompts, prompt_chunks = MEM.trials(args.trials), 3, args.seconds, PROMPTS[::4], 3
+    pictures = list(range(len(SUBJECTS)))
     if args.quick:
         trials, probe, seconds, prompts, prompt_chunks = MEM.trials(2), 2, min(seconds, 10.0), PROMPTS[:2], 2
+        pictures = pictures[:1]
     wanted = [KEYS[k] for k in args.variants.split(",")]
     variants = [v for v in VARIANTS if v.name in wanted]
     if gen.compressor.hr is None:   # random-weight presets have no trained HR branch
@@ -253,11 +268,11 @@ def main(argv=None) -> int:
     rows, strips = [], {}
     start = time.perf_counter()
     for v in variants:
-        row, strip = run_variant(gen, v, trials, probe, seconds, prompts, prompt_chunks)
+        row, strip = run_variant(gen, v, trials, probe, seconds, prompts, prompt_chunks, pictures)
         rows.append(row)
         strips[v.name] = strip
-        log.info("%s", {k: row[k] for k in ("variant", "memory_recall", "subject_consistency", "prompt_following",
-                                                "kv_kib", "attended_tokens", "s_per_chunk")})
+        log.info("%s", {k: row[k] for k in ("variant", "memory_recall", "subject_consistency", "picture_kept",
+                                                "prompt_following", "kv_kib", "attended_tokens", "s_per_chunk")})
     wall = time.perf_counter() - start
     frames_per_chunk = gen.preset.cache.chunk_frames * gen.preset.vae.temporal_stride
     c = gen.preset.cache
@@ -266,7 +281,7 @@ def main(argv=None) -> int:
             "seconds": seconds,
             "memory": {"trials": len(trials), "sink": c.sink_chunks, "seen": 3, "gap": memory_gap(gen.preset),
                        "probe": probe, "prompts": [t.prompt for t in trials], "colours": [t.color for t in trials]},
-            "prompt_following": {"prompts": len(prompts), "chunks": prompt_chunks}}
+            "pictures": len(pictures), "prompt_following": {"prompts": len(prompts), "chunks": prompt_chunks}}
     print(write_report(rows, meta, args.out, [strip_row(strips[r["variant"]], frames_per_chunk) for r in rows]))
     return 0
 

@@ -61,6 +61,24 @@ def stream(gen, prompt: str, start: np.ndarray | None, cache: str, chunks: int, 
             "wall_s": time.perf_counter() - t0, "kv_bytes": st.get("kv_bytes", 0)}
 
 
+def chunks_for(seconds: float, fps: int, per_chunk: int = 12) -> int:
+    """Chunks of a stream of `seconds` (the first chunk has 9 frames, the others `per_chunk`)."""
+    return int(np.ceil((seconds * fps - 9) / per_chunk)) + 1
+
+
+def keep_picture(gen, i: int, cache: str, seconds: float) -> dict:
+    """SUBJECTS[i]'s start picture with an empty prompt for `seconds` under `cache`: nothing but the stream's own
+    memory holds the subject (the picture is its first chunk, the sink). `stream`'s result plus `kept` (share of
+    chunks in the picture's colour), `last_10s` and `by_10s`."""
+    color, shape, bg, bgc = SUBJECTS[i]
+    img = start_frame(color, shape, bg, bgc, seed=i)
+    assert M.dominant_color(img) == color, "the rendered start frame must measure as its colour"
+    r = stream(gen, "", img, cache, chunks_for(seconds, gen.fps), seed=10 + i)
+    win = int(10 * gen.fps / 12)
+    return dict(r, start=img, subject=f"{color} {shape}", kept=kept(r["colors"], color),
+                last_10s=kept(r["colors"][-win:], color), by_10s=by_window(r["colors"], color, win))
+
+
 def kept(colors: list, want: str) -> float:
     return sum(c == want for c in colors) / max(1, len(colors))
 
@@ -137,27 +155,23 @@ def run_subject(i: int, args, caches: list[str], out: Path) -> None:
     if args.context_guidance is not None:
         gen.sampler = FlowSampler(replace(gen.sampler.config, context_guidance=args.context_guidance))
     gen.warmup()
-    fps, per_chunk = gen.fps, 12
-    n_chunks = lambda seconds: int(np.ceil((seconds * fps - 9) / per_chunk)) + 1   # noqa: E731
-    win = int(10 * fps / per_chunk)
-    color, shape, bg, bgc = SUBJECTS[i]
+    fps = gen.fps
+    color, shape, _, _ = SUBJECTS[i]
     res: dict = {"long": [], "ablation": [], "switch": [], "context_guidance": gen.sampler.config.context_guidance}
     res["text_first_chunk_s"] = stream(gen, TEXT_PROMPT, None, "packed", 1, seed=0)["first_chunk_s"]
-    img = start_frame(color, shape, bg, bgc, seed=i)
-    assert M.dominant_color(img) == color, "the rendered start frame must measure as its colour"
+    img = start_frame(*SUBJECTS[i], seed=i)
     strip = {"start": img}
     for k, cache in enumerate(caches):
-        chunks = n_chunks(args.seconds if cache == "packed" else args.other_seconds)
-        log.info("%s %s, empty prompt, %s, %d chunks", color, shape, cache, chunks)
-        r = stream(gen, "", img, cache, chunks, seed=10 + i)
-        res["long"].append({"subject": f"{color} {shape}", "cache": cache, "seconds": len(r["frames"]) / fps,
-                            "kept": kept(r["colors"], color), "last_10s": kept(r["colors"][-win:], color),
-                            "by_10s": by_window(r["colors"], color, win), "colors": r["colors"],
-                            "first_chunk_s": r["first_chunk_s"], "wall_s": r["wall_s"], "kv_bytes": r["kv_bytes"]})
-        log.info("  kept %.0f%%", 100 * res["long"][-1]["kept"])
+        log.info("%s %s, empty prompt, %s", color, shape, cache)
+        r = keep_picture(gen, i, cache, args.seconds if cache == "packed" else args.other_seconds)
+        res["long"].append({"subject": r["subject"], "cache": cache, "seconds": len(r["frames"]) / fps,
+                            "kept": r["kept"], "last_10s": r["last_10s"], "by_10s": r["by_10s"],
+                            "colors": r["colors"], "first_chunk_s": r["first_chunk_s"], "wall_s": r["wall_s"],
+                            "kv_bytes": r["kv_bytes"]})
+        log.info("  kept %.0f%%", 100 * r["kept"])
         strip[f"row{k}"] = r["frames"][::10 * fps]
     with sampler_settings(gen, context_guidance=1.0):
-        r = stream(gen, "", img, "packed", n_chunks(args.ablation_seconds), seed=10 + i)
+        r = stream(gen, "", img, "packed", chunks_for(args.ablation_seconds, fps), seed=10 + i)
     res["ablation"].append({"subject": f"{color} {shape}", "kept": kept(r["colors"], color), "colors": r["colors"]})
     want = M.prompt_color(SWITCH_TO[color])
     r = stream(gen, SWITCH_TO[color], img, "packed", args.switch_chunks, seed=20 + i)
