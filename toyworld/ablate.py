@@ -23,7 +23,7 @@ sink, the compressor as `hr`, `lr` and `pool`, the sink + sliding `window`, and 
 * prompt following on a few of the evaluation's prompts (share of chunks in the prompt's colour).
 
 The strip PNG has one row per variant: the memory test's generated chunks (first trial, one frame each), then one
-frame every 10 s of the extrapolation.
+frame every 10 s of the extrapolation, then of the first start picture's run.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def run_variant(gen, v: Variant, trials: list, probe: int, seconds: float, promp
         "memory_colours": [" ".join(str(g) for g in m["got"]) for m in mem],
         "seconds": len(long["frames"]) / gen.fps,
     }
-    strip = {"memory": mem[0]["frames"], "long": long["frames"]}
+    strip = {"memory": mem[0]["frames"], "long": long["frames"], "picture": kept[0]["frames"] if kept else None}
     return row, strip
 
 
@@ -151,12 +151,16 @@ def _mean_or_none(values: list) -> float | None:
 
 
 def strip_row(s: dict, probe_frames: int, every_s: float = 10.0, fps: int = 16, scale: int = 2) -> np.ndarray:
-    """One variant's strip: a frame per generated memory-test chunk, a gap, a frame every 10 s of the long run."""
+    """One variant's strip: a frame per generated memory-test chunk, a gap, a frame every 10 s of the long run, a
+    gap, a frame every 10 s of the picture run."""
     mem = [s["memory"][i] for i in range(0, len(s["memory"]), probe_frames)]
-    long = [s["long"][i] for i in range(0, len(s["long"]), int(every_s * fps))]
+    step = int(every_s * fps)
     tiles = [np.pad(f, ((2, 2), (2, 2), (0, 0)), constant_values=255) for f in mem]
-    tiles.append(np.full((mem[0].shape[0] + 4, 8, 3), 255, np.uint8))
-    tiles += [np.pad(f, ((2, 2), (2, 2), (0, 0)), constant_values=255) for f in long]
+    for run in (s["long"], s.get("picture")):
+        if run is None:
+            continue
+        tiles.append(np.full((mem[0].shape[0] + 4, 8, 3), 255, np.uint8))
+        tiles += [np.pad(run[i], ((2, 2), (2, 2), (0, 0)), constant_values=255) for i in range(0, len(run), step)]
     row = np.concatenate(tiles, axis=1)
     return row.repeat(scale, axis=0).repeat(scale, axis=1)
 
@@ -192,7 +196,7 @@ def write_report(rows: list[dict], meta: dict, out: Path, strip_rows: list[np.nd
           "picture's colour. Prompt following: "
           f"{meta['prompt_following']['prompts']} prompts x {meta['prompt_following']['chunks']} chunks. Strip: "
           "`ablations.png` (rows in table order; the memory test's generated chunks, a gap, then one frame every "
-          "10 s of the extrapolation).\n"]
+          "10 s of the extrapolation, a gap, one frame every 10 s of the first start picture's run).\n"]
     if meta.get("parts"):
         md.append("Merged from runs in parallel processes: " + "; ".join(meta["parts"]) + ".\n")
     md += [md_table(rows, COLUMNS), ""]
