@@ -70,8 +70,9 @@ def test_every_cached_key_equals_rope_at_the_layout_position():
 def _chunk_four_both_ways(make_observer=None, reader_wrap=None, scores=None):
     """Chunks 0..3 stream through the packed cache (sink 1, mids 1-2, recent 3); chunk 4 runs once through the
     cache's reader and once as the one-pass training view of the same layout, fed the same latents and compressed
-    tokens. `make_observer(view)` builds the view pass's `observe`; `reader_wrap` wraps the cache's reader.
-    Returns (cache output, view output, cache, observer)."""
+    tokens. `make_observer(view, model)` builds the view pass's `observe`; `reader_wrap` wraps the cache's reader;
+    `scores(cache)` is taken before the session closes (which frees the cache's tensors).
+    Returns (cache output, view output, what `scores` returned, observer)."""
     torch.manual_seed(0)
     gen = Generator.from_preset("tiny", device="cpu")
     model = gen.model
