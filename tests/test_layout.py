@@ -186,3 +186,38 @@ def test_hr_training_loss_runs_on_the_layout_view_and_reaches_the_hr_convs():
     torch.set_num_threads(threads)
     assert torch.isfinite(loss)
     assert comp.hr.temporal.weight.grad.abs().sum() > 0
+
+
+def test_training_view_attention_shares_are_what_the_attention_kernel_gives(monkeypatch):
+    """What the memory stage's reading loss trains (`train_hr.MidAttention`: the share of the current chunk's
+    attention on each mid block) is the attention the model computes: the real kernel, fed values that are 1 on one
+    mid block's tokens and 0 elsewhere, returns exactly that share for every current query."""
+    import packcache.model as model_module
+    from toyworld.train_hr import MidAttention
+
+    kernel = model_module.attention
+    measured: list[torch.Tensor] = []
+    observers: list[MidAttention] = []
+
+    def recording(q, k, v, mask=None, **kw):
+        if mask is not None and observers:
+            a, b = observers[0].current
+            shares = []
+            for s, e in observers[0].mids:
+                ones = torch.zeros_like(v)
+                ones[:, s:e] = 1.0
+                shares.append(kernel(q, k, ones, mask)[:, a:b, :, 0].mean(dim=(1, 2)))   # (B,) per block
+            measured.append(torch.stack(shares, dim=1))
+        return kernel(q, k, v, mask, **kw)
+
+    def make(view, model):
+        observers.append(MidAttention(view))
+        return observers[0]
+
+    monkeypatch.setattr(model_module, "attention", recording)
+    _, _, _, observer = _chunk_four_both_ways(make_observer=make)
+    assert len(observer.layers) == len(measured) >= 2
+    for got, want in zip(observer.layers, measured):
+        assert got.shape == (1, 2)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        assert (want > 0).all() and (want.sum() < 1)

@@ -661,6 +661,22 @@ def test_selection_loss_lifts_the_subjects_blocks_above_the_empty_ones():
     assert selection_loss(aff, [True, True], 0.5) is None and selection_loss(aff, [False, False], 0.5) is None
 
 
+def test_reading_loss_raises_the_attention_on_the_subjects_block_up_to_its_floor():
+    """The memory stage's hinge on the current chunk's attention share: log(floor) - log(share) for each subject
+    block below the floor (its gradient raises the share), nothing for those above it or for empty blocks; no
+    subject block shown, no loss."""
+    from toyworld.train_memory import reading_loss
+    shares = torch.tensor([[[0.001, 0.3], [0.2, 0.001]], [[0.01, 0.01], [0.05, 0.5]]], requires_grad=True)  # (2,2,2)
+    loss = reading_loss(shares, [True, False], floor=0.05)
+    loss.backward()
+    # subject shares per layer and row: 0.001, 0.2 | 0.01, 0.05 -> log(0.05/0.001), 0, log(0.05/0.01), 0
+    assert loss.item() == pytest.approx((np.log(50) + np.log(5)) / 4)
+    assert shares.grad[0, 0, 0] < shares.grad[1, 0, 0] < 0          # the smaller the share, the stronger the push
+    assert shares.grad[0, 1, 0] == 0 and shares.grad[1, 1, 0] == 0   # at or above the floor: left alone
+    assert shares.grad[..., 1].abs().sum() == 0                      # empty blocks are not pushed either way
+    assert reading_loss(shares, [False, False], 0.05) is None
+
+
 def test_memory_stage_ordinary_views_cover_every_chunk_with_a_mid_block():
     """Packed-view steps on ordinary clips: any chunk that has a mid chunk before its recent window, with up to
     `mid_shown` distinct mid chunks between the sink and the recent window."""
@@ -688,7 +704,7 @@ def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
     from toyworld.train_memory import MemoryRecipe, train_memory
     p = dit_work_folder(tmp_path)
     tune = MemoryRecipe(clips=8, chunks=7, steps=8, batch=2, recode_share=0.25, ordinary_share=0.25, ordinary_clips=3,
-                        first_share=0.25, first_batch=4, select_weight=1.0)
+                        first_share=0.25, first_batch=4, select_weight=1.0, read_weight=1.0)
     with pytest.raises(SystemExit, match="recode and hr"):
         train_memory(p, tmp_path, 0, DiTRecipe(batch=2), tune)
     save_recode_clips(tmp_path)
@@ -703,6 +719,7 @@ def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
     assert data["lr_tokens"].shape[:2] == (8, 7) and len(data["shape"]) == len(data["scenes"]) == 8
     assert info["steps"] == 8 and np.isfinite(info["final_loss"]), info
     assert info["selection_final_loss"] is None or np.isfinite(info["selection_final_loss"])
+    assert info["reading_final_loss"] is None or np.isfinite(info["reading_final_loss"])
     assert_stage_tuned_the_dit(tmp_path)
     assert torch.load(tmp_path / "data_memory_ordinary.pt")["tokens"].shape[:2] == (3, 7)   # the recode clips' LR tokens
     # the stage tuned the DiT's patch embedding, which the LR tokens depend on: a run from it encodes afresh

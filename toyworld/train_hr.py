@@ -82,13 +82,44 @@ class MidAffinity:
         self.layers.append(block_affinity(q_sum, count, ks, self.key_count, self.head_fraction))
 
 
+class MidAttention:
+    """`forward_view`'s observer: per layer, the share of the current chunk's attention that lands on each mid block,
+    (B, M), averaged over heads and query tokens (kept differentiable).
+
+    What the DiT reads from a mid block goes through this share. Session 23 measured it on the training view of the
+    memory clips: 0.2-0.5% per block in layers 1-3 (uniform over the 196 keys would be 1%), so the flow loss's
+    gradient towards reading the block (proportional to the share) was too weak to teach it."""
+
+    def __init__(self, view):
+        spans, pos = [], 0
+        for seg in view.segments:
+            spans.append((seg, pos, pos + seg.tokens))
+            pos += seg.tokens
+        self.current = next((a, b) for seg, a, b in spans if seg.kind == "current")
+        self.mids = [(a, b) for seg, a, b in spans if seg.kind == "mid"]
+        a, b = self.current
+        self.mask = view.mask()[a:b]                                                        # (Nq, N)
+        self.layers: list[torch.Tensor] = []
+
+    def __call__(self, layer: int, q_rot: torch.Tensor, k_rot: torch.Tensor) -> None:
+        if not self.mids:
+            return
+        a, b = self.current
+        q = q_rot[:, a:b].float().transpose(1, 2)                                          # (B, H, Nq, D)
+        k = k_rot.float().transpose(1, 2)                                                   # (B, H, N, D)
+        logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        p = logits.masked_fill(~self.mask.to(q.device), float("-inf")).softmax(dim=-1)    # as `attention` does
+        self.layers.append(torch.stack([p[..., s:e].sum(-1).mean(dim=(1, 2)) for s, e in self.mids], dim=1))
+
+
 def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.Tensor, text, gen: torch.Generator,
                      current: int, mids: list[int], recipe=None, fg: torch.Tensor | None = None,
-                     affinity_out: list | None = None) -> torch.Tensor:
+                     affinity_out: list | None = None, attention_out: list | None = None) -> torch.Tensor:
     """Flow-matching loss of chunk `current` denoised against [sink ; compressed `mids` ; recent] (see module doc).
     `fg` (B, T, h, w): the current chunk's foreground share per latent position, weighed up by the recipe's
     `fg_weight` as the DiT stage does (the memory stage: the subject is what the mid blocks are for).
-    `affinity_out`: when given, receives the (layers, M, B) selection affinities of the `mids` (`MidAffinity`)."""
+    `affinity_out`: when given, receives the (layers, M, B) selection affinities of the `mids` (`MidAffinity`);
+    `attention_out` the (layers, B, M) shares of the current chunk's attention on them (`MidAttention`)."""
     from packcache.compress import block_grid
     from packcache.layout import build_layout
 
@@ -116,10 +147,18 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
         else:
             inputs.append(xn if seg.kind == "current" else sl(seg.chunk))
         timesteps.append(sigma * 1000.0 if seg.kind == "current" else torch.zeros(b, device=dev))
-    observer = MidAffinity(view, model.rope, c.score_head_fraction) if affinity_out is not None else None
-    v = model.forward_view(view, inputs, timesteps, model.embed_text(text), observe=observer)
-    if observer is not None:
-        affinity_out.append(torch.stack(observer.layers))
+    affinity = MidAffinity(view, model.rope, c.score_head_fraction) if affinity_out is not None else None
+    shares = MidAttention(view) if attention_out is not None else None
+    observers = [o for o in (affinity, shares) if o is not None]
+
+    def observe(layer: int, q_rot: torch.Tensor, k_rot: torch.Tensor) -> None:
+        for o in observers:
+            o(layer, q_rot, k_rot)
+    v = model.forward_view(view, inputs, timesteps, model.embed_text(text), observe=observe if observers else None)
+    if affinity is not None:
+        affinity_out.append(torch.stack(affinity.layers))
+    if shares is not None:
+        attention_out.append(torch.stack(shares.layers))
     if fg is None:
         return F.mse_loss(v.float(), eps - sl(current))
     w = 1.0 + foreground_weight(fg.float().to(dev), (recipe or DiTRecipe()).fg_weight)          # (B, T, h, w)
