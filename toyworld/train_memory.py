@@ -194,7 +194,7 @@ def reading_loss(shares: torch.Tensor, holds_subject: list[bool], floor: float) 
     holds it.
 
     Why: the flow loss rewards reading the subject's block only through that share, and its gradient is proportional
-    to it; at 0.2-0.5% (session 23, layers 1-3) the DiT did not learn to read in 2,400 steps, so forced selection
+    to it; at 0.04-0.1% (session 23, layers 1-3) the DiT did not learn to read in 2,400 steps, so forced selection
     recalled at chance. The log keeps the push strong where the share is smallest; the hinge stops it at `floor`."""
     sub = [i for i, h in enumerate(holds_subject) if h]
     if not sub:
