@@ -518,6 +518,40 @@ def test_recipe_takes_the_vae_from_a_bundle_when_it_does_not_train_one(tmp_path)
         vae_from_bundle(tmp_path / "novae.safetensors", work)
 
 
+def test_a_work_folder_started_from_a_bundle_packs_back_into_that_bundle(tmp_path):
+    """`--init-from BUNDLE` puts the bundle's DiT, HR branch and VAE where the stages after them look (so the
+    `memory` stage continues the shipped model); packed again, the bundle comes back tensor for tensor, and its
+    report keeps the commands that made it with this one added. A file that is not a toy bundle, or none, is
+    refused in one line."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from dataclasses import replace
+
+    from packcache.compress import MidCompressor
+    from toyworld.train import DEFAULT_OUT, TUNED_FILE, Setup, build_model, main, toy_preset
+    work, out = tmp_path / "w", tmp_path / "out.safetensors"
+    with_one_thread(main, ["--init-from", str(DEFAULT_OUT), "--work", str(work), "--out", str(out),
+                           "--stages", "pack", "--threads", "1"])
+    preset = toy_preset(Setup.of(work))
+    model = build_model(preset, 0)
+    model.load_state_dict(torch.load(work / TUNED_FILE))          # strict: the keys the later stages load
+    hr = MidCompressor(replace(preset.compressor, mode="hr"), model.dim, model.patch_embedding).hr
+    hr.load_state_dict({k[len("hr."):]: v for k, v in torch.load(work / "hr.pt").items()})
+    shipped, packed = load_file(str(DEFAULT_OUT)), load_file(str(out))
+    assert sorted(packed) == sorted(shipped)
+    assert all(torch.equal(packed[k], shipped[k]) for k in shipped)
+    before = json.loads(DEFAULT_OUT.with_suffix(".json").read_text())
+    report = json.loads(out.with_suffix(".json").read_text())
+    commands = before["command"] if isinstance(before["command"], list) else [before["command"]]
+    assert report["command"][:-1] == commands and "--init-from" in report["command"][-1]
+    assert report["dit"] == before["dit"] and report["hr"] == before["hr"]
+    save_file({"vae.conv.weight": torch.zeros(2)}, str(tmp_path / "vae_only.safetensors"))
+    for bad in (tmp_path / "vae_only.safetensors", tmp_path / "missing.safetensors"):
+        with pytest.raises(SystemExit, match="bundle"):
+            main(["--init-from", str(bad), "--work", str(tmp_path / "w2"), "--stages", "pack"])
+
+
 def test_vae_tuning_stages_warn_when_the_vae_has_had_them():
     """`--stages vae_tune` / `vae_stream` on a VAE that already had them (the bundle's report says so, or this work
     folder ran them) is named in a warning; with the `vae` stage (a fresh VAE) or on an untuned one it is not."""

@@ -819,6 +819,34 @@ def vae_from_bundle(bundle: Path, work: Path) -> dict:
     return info
 
 
+BUNDLE_STAGES = ("data", "dit", "recode", "first", "hr")     # the stages whose results a bundle carries
+
+
+def work_from_bundle(bundle: Path, work: Path) -> dict:
+    """A work folder that continues a packed bundle: its DiT as dit_tuned.pt, its HR branch as hr.pt, its VAE as
+    vae.pt, and its report of the stages that made them, so that a later stage (`memory`) runs on the shipped model
+    without the 90 minutes of stages before it. What the bundle does not carry (the recode stage's clips) the stage
+    that needs them makes afresh from the same seeds."""
+    from safetensors.torch import load_file
+    state = load_file(str(bundle))
+    dit = {k: v for k, v in state.items() if k.startswith("transformer.")}     # the DiT's own keys, as `pack` takes
+    hr = {k[len("compressor."):]: v for k, v in state.items() if k.startswith("compressor.hr.")}
+    if not dit or not hr:
+        raise SystemExit(f"{bundle} lacks transformer.* or compressor.hr.* weights: not a packed toy bundle")
+    torch.save(dit, work / TUNED_FILE)
+    torch.save(hr, work / "hr.pt")
+    vae_from_bundle(bundle, work)
+    sidecar = bundle.with_suffix(".json")
+    report = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    for stage in BUNDLE_STAGES:
+        if stage in report:
+            (work / f"{stage}.json").write_text(json.dumps(report[stage]))
+    command = report.get("command", [])
+    info = {"bundle": str(bundle), "command": command if isinstance(command, list) else [command]}
+    (work / "from_bundle.json").write_text(json.dumps(info))
+    return info
+
+
 def vae_retune_warnings(stages: list[str], summary: dict) -> list[str]:
     """One line per VAE tuning stage asked for on a VAE that has had it already (taken from a bundle that records
     it, or run earlier in this work folder): running it again tunes further, which is rarely what was meant."""
@@ -866,6 +894,9 @@ def main(argv=None):
     ap.add_argument("--vae-from", type=Path, default=DEFAULT_OUT,
                     help="without the vae stage, take the VAE from this bundle when the work folder has none "
                          "(default: the shipped weights)")
+    ap.add_argument("--init-from", type=Path, default=None, metavar="BUNDLE",
+                    help="start the work folder from a packed bundle (its DiT, HR branch and VAE), e.g. "
+                         "--init-from packcache/weights/toy.safetensors --stages memory,pack")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world", choices=tuple(WORLD_STYLES), default=None,
                     help="the world the clips come from (toyworld.world.WorldStyle; default: the work folder's, "
@@ -923,6 +954,11 @@ def main(argv=None):
     for s in stages:
         if s not in STAGES:
             raise SystemExit(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
+    if args.init_from is not None:
+        if not args.init_from.exists():
+            raise SystemExit(f"--init-from: no such bundle {args.init_from}")
+        work_from_bundle(args.init_from, work)
+        logger.info("work folder started from %s", args.init_from)
     # stages run in earlier invocations left their reports in the work folder: the summary starts from those
     summary = {st: {k: v for k, v in json.loads((work / f"{st}.json").read_text()).items() if k != "history"}
                for st in STAGES if (work / f"{st}.json").exists()}
@@ -985,7 +1021,9 @@ def main(argv=None):
                     summary["memory"]["final_loss"])
     summary_path.write_text(json.dumps(summary, indent=2))
     if "pack" in stages:
-        summary["command"] = "python -m toyworld.train " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m toyworld.train " + " ".join(argv if argv is not None else sys.argv[1:])
+        before = work / "from_bundle.json"      # a work folder continued from a bundle: the commands that made it
+        summary["command"] = json.loads(before.read_text())["command"] + [command] if before.exists() else command
         summary["setup"] = setup.__dict__
         summary["device"] = str(device)
         summary["this_run_wall_s"] = time.time() - t_all
