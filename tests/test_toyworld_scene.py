@@ -189,3 +189,13 @@ def test_context_check_reads_true_continuations_and_what_the_context_is_worth(ca
     with pytest.raises(SystemExit) as e:
         C.main(["--scenes", "0"])
     assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_an_evaluation_report_names_the_command_that_made_it(monkeypatch):
+    """RESULTS.md's first line is the command with its arguments, also when run from the shell (argv None), so a
+    candidate bundle's report says which weights it measured."""
+    from toyworld.evaluate import invocation
+    assert invocation(["--only", "scene", "--weights", "/w/a b.safetensors"]) == \
+        "python -m toyworld.evaluate --only scene --weights '/w/a b.safetensors'"
+    monkeypatch.setattr("sys.argv", ["evaluate.py", "--weights", "/w/c.safetensors"])
+    assert invocation(None) == "python -m toyworld.evaluate --weights /w/c.safetensors"

@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -450,6 +452,13 @@ def long_scene(frames: np.ndarray, prompt: str = LONG_PROMPT, window_s: float = 
     return out
 
 
+def invocation(argv: list[str] | None) -> str:
+    """The command as typed (from the shell when `argv` is None), so a report says which weights and stages made
+    it: reports of candidate bundles (`--weights`) are otherwise indistinguishable from the shipped one's."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python -m toyworld.evaluate", *map(shlex.quote, args)])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate the toy world model (tables in toyworld/eval/RESULTS.md)")
     ap.add_argument("--weights", default=None, help="a bundle .safetensors (default: the shipped toy weights)")
@@ -476,7 +485,7 @@ def main(argv=None):
     marks: dict[str, int] = {}
     results: dict = {"threads": args.threads, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     sc = gen.preset.sampler
-    md = [f"# Toy world evaluation\n\n`python -m toyworld.evaluate {' '.join(argv or [])}` on {os.cpu_count()} CPU "
+    md = [f"# Toy world evaluation\n\n`{invocation(argv)}` on {os.cpu_count()} CPU "
           f"cores, torch threads {args.threads}. Sampler: {len(sc.timesteps)} steps, shift {sc.shift:g}, "
           f"{sc.between_steps} steps between levels, guidance {sc.guidance_scale:g} rescaled "
           f"{sc.guidance_rescale:g}; compressor "
