@@ -34,8 +34,9 @@ Stages (each saves its state under --work, so a stage can be re-run alone with -
            (`toyworld/train_hr.py`).
 5. `memory` (optional, not in the default stages) the DiT on that same packed view with leave-and-return clips,
            loss where the subject returns, so that it reads the compressed mid blocks (`toyworld/train_memory.py`,
-           `MemoryRecipe`; issue 13). Measured: recall through top-k above FIFO and the window in a pilot, at a
-           cost in prompt following, and ~35 minutes the 90-minute budget does not have.
+           `MemoryRecipe`; issue 13). Measured: recall through top-k above FIFO and the window, at a cost in shape
+           in later chunks (session 24: 82% -> 67%), and ~29 minutes the 90-minute budget does not have.
+           `--init-from BUNDLE` runs it on a packed bundle (the shipped one) without the stages before it.
 
 Everything is written into one safetensors file with key prefixes `transformer.`, `vae.`, `compressor.`, plus a
 JSON sidecar (same stem) with the losses and wall times. Loss curves are saved as PNG in toyworld/curves/.

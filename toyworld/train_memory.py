@@ -33,6 +33,10 @@ flow loss's gradient towards reading it was too weak. `reading_loss` (a hinge on
 `read_floor`) raises it to the floor; with it the same stage recalls 0.77 through top-k (FIFO 0.06, window 0.02)
 but loses a start picture with no prompt (0.47 over 120 s); with `ordinary_share` 0.2 (the default since) it keeps
 it (0.99) and recalls 0.29 (FIFO and window 0.10).
+
+Session 24 (same README, "session 24"): on the shipped bundle (`--init-from`) the defaults reproduce that (0.27 vs
+FIFO 0.15) but the scene measures lose the shape from the second chunk on (82% -> 67%), also with twice the
+recode steps or half the learning rate; so the stage stays out of the shipped recipe.
 """
 
 from __future__ import annotations
