@@ -524,9 +524,9 @@ def test_a_work_folder_started_from_a_bundle_packs_back_into_that_bundle(tmp_pat
     report keeps the commands that made it with this one added. A file that is not a toy bundle, or none, is
     refused in one line."""
     import json
+    from dataclasses import replace
 
     from safetensors.torch import load_file, save_file
-    from dataclasses import replace
 
     from packcache.compress import MidCompressor
     from toyworld.train import DEFAULT_OUT, TUNED_FILE, Setup, build_model, main, toy_preset
@@ -550,6 +550,7 @@ def test_a_work_folder_started_from_a_bundle_packs_back_into_that_bundle(tmp_pat
     for bad in (tmp_path / "vae_only.safetensors", tmp_path / "missing.safetensors"):
         with pytest.raises(SystemExit, match="bundle"):
             main(["--init-from", str(bad), "--work", str(tmp_path / "w2"), "--stages", "pack"])
+    assert not (tmp_path / "w2" / "vae.pt").exists()            # nothing taken from a file that is not a bundle
 
 
 def test_vae_tuning_stages_warn_when_the_vae_has_had_them():

@@ -702,11 +702,17 @@ def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | Non
     return info
 
 
+def make_recode_clips(preset, work: Path, seed: int, tune: RecodeRecipe, device: str = "cpu") -> dict:
+    """The `recode` stage's clips (`data_chunkwise.pt`) from its own seed: one place, so a stage that makes them
+    afresh (`memory` on a folder started from a bundle) gets the very clips the recode stage trained on."""
+    return make_chunkwise_dataset(preset, work, seed + tune.data_seed, tune.clips, device=device, mix=tune.mix)
+
+
 def train_recode(preset, work: Path, seed: int, recipe: DiTRecipe, tune: RecodeRecipe, device: str = "cpu") -> dict:
     """Stage `recode`: encode `tune.clips` fresh clips chunk by chunk, then fine-tune the `dit` stage's weights on
     them with the DiT stage's loss and augmentations."""
     from dataclasses import replace
-    data_info = make_chunkwise_dataset(preset, work, seed + tune.data_seed, tune.clips, device=device, mix=tune.mix)
+    data_info = make_recode_clips(preset, work, seed, tune, device)
     logger.info("chunk-by-chunk data done in %.0fs", data_info["wall_s"])
     r = replace(recipe, steps=tune.steps, lr=tune.lr, drift_prob=0.0, roll_prob=0.0)
     info = train_dit(preset, work, seed + 50, r, data=torch.load(work / "data_chunkwise.pt"), device=device,
@@ -937,6 +943,8 @@ def main(argv=None):
     from .train_memory import MemoryRecipe
     memory_tune = recipe_with(MemoryRecipe(), args.memory_steps, args.memory_set, ap)   # bad settings: before any work
     first_tune = recipe_with(FirstChunkRecipe(), None, args.first_set, ap, option="--first-set")
+    if args.init_from is not None and not args.init_from.exists():      # refused before any work
+        raise SystemExit(f"--init-from: no such bundle {args.init_from}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     set_threads(args.threads)
@@ -956,8 +964,6 @@ def main(argv=None):
         if s not in STAGES:
             raise SystemExit(f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
     if args.init_from is not None:
-        if not args.init_from.exists():
-            raise SystemExit(f"--init-from: no such bundle {args.init_from}")
         work_from_bundle(args.init_from, work)
         logger.info("work folder started from %s", args.init_from)
     # stages run in earlier invocations left their reports in the work folder: the summary starts from those

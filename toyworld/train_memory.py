@@ -242,16 +242,15 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
 
     from .common import cosine_lr, progress, save_curve
     from .train import (TUNED_FILE, CaptionSampler, FirstChunkRecipe, RecodeRecipe, _step, build_model,
-                        clip_loss, final_dit_file, first_chunk_loss, make_chunkwise_dataset,
-                        make_first_chunk_dataset)
+                        clip_loss, final_dit_file, first_chunk_loss, make_first_chunk_dataset,
+                        make_recode_clips)
     from .train_hr import packed_view_loss
     from .train_vae import load_vae
     if not (work / "hr.pt").exists():
         raise SystemExit("the memory stage continues from the recode and hr stages: run them first "
                          "(--stages recode,first,hr,memory,...) or start from a bundle (--init-from)")
     if not (work / "data_chunkwise.pt").exists():     # a work folder started from a bundle: the recode clips afresh
-        rc = RecodeRecipe()
-        make_chunkwise_dataset(preset, work, seed + rc.data_seed, rc.clips, device=device, mix=rc.mix)
+        make_recode_clips(preset, work, seed, RecodeRecipe(), device)
     model = build_model(preset, seed)
     model.load_state_dict(torch.load(final_dit_file(work)))
     model = model.to(device)
