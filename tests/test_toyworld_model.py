@@ -765,8 +765,29 @@ def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
     torch.save(start, tmp_path / TUNED_FILE)
     with_one_thread(train_memory, p, tmp_path, 0, DiTRecipe(batch=2), replace(tune, steps=2))
     torch.save(start, tmp_path / TUNED_FILE)
-    again = with_one_thread(train_memory, p, tmp_path, 0, DiTRecipe(batch=2), replace(tune, steps=2, lr=1e-4))
+    again = with_one_thread(train_memory, p, tmp_path, 0, DiTRecipe(batch=2),
+                            replace(tune, steps=2, lr=1e-4, tune_only="attn1"))
     assert again["data"].get("reused") and again["steps"] == 2
+    # tune_only: the self-attention moved, every other weight is the start's
+    after = torch.load(tmp_path / TUNED_FILE)
+    assert all(torch.equal(after[k], start[k]) for k in start if ".attn1." not in k)
+    assert any(not torch.equal(after[k], start[k]) for k in start if ".attn1." in k)
+
+
+def test_memory_stage_tunes_only_the_parameters_it_names():
+    """`MemoryRecipe.tune_only` freezes every DiT parameter whose name has none of its fragments; a list that
+    matches nothing is one clear error, not a stage that trains nothing."""
+    from toyworld.train import build_model, toy_preset
+    from toyworld.train_memory import tuned_parameters
+    model = build_model(toy_preset(), 0)
+    chosen = tuned_parameters(model, "attn1.to_q, attn1.to_k")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(chosen) == len(names) == 2 * 2 * toy_preset().transformer.num_layers    # weight, bias per block
+    assert all(".attn1.to_q." in n or ".attn1.to_k." in n for n in names)
+    assert len(tuned_parameters(model, "")) == len(list(model.parameters()))
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(SystemExit, match="matches no DiT parameter"):
+        tuned_parameters(model, "no_such_layer")
 
 
 def test_memory_stage_settings_from_the_command_line(capsys, tmp_path):
