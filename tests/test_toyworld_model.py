@@ -652,6 +652,15 @@ def test_first_stage_trains_first_chunks_alone_and_recode_clips(tmp_path):
     assert info["data"]["sets"] == 2 and info["data"]["clips"] == 8        # each pass drew first chunks of its own
     assert np.isfinite(info["first_chunk_final_loss"]) and np.isfinite(info["final_loss"])
     assert_stage_tuned_the_dit(tmp_path)
+    # a pass with the self-attention frozen (`frozen`): it moves, the self-attention stays as it was
+    from dataclasses import replace
+
+    from toyworld.train import TUNED_FILE
+    before = torch.load(tmp_path / TUNED_FILE)
+    with_one_thread(train_first, p, tmp_path, 0, DiTRecipe(batch=2), replace(tune, passes=1, frozen="attn1"))
+    after = torch.load(tmp_path / TUNED_FILE)
+    assert all(torch.equal(after[k], before[k]) for k in before if ".attn1." in k)
+    assert any(not torch.equal(after[k], before[k]) for k in before if ".attn1." not in k)
 
 
 @pytest.mark.parametrize("shown", [2, 4])
@@ -774,11 +783,11 @@ def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
     assert any(not torch.equal(after[k], start[k]) for k in start if ".attn1." in k)
 
 
-def test_memory_stage_tunes_only_the_parameters_it_names():
-    """`MemoryRecipe.tune_only` freezes every DiT parameter whose name has none of its fragments; a list that
-    matches nothing is one clear error, not a stage that trains nothing."""
-    from toyworld.train import build_model, toy_preset
-    from toyworld.train_memory import tuned_parameters
+def test_stages_train_only_the_parameters_they_name():
+    """`tuned_parameters` (`MemoryRecipe.tune_only`, `FirstChunkRecipe.frozen`) freezes every DiT parameter whose
+    name has none of the `only` fragments or one of the `frozen` ones; a choice that matches nothing is one clear
+    error, not a stage that trains nothing."""
+    from toyworld.train import build_model, toy_preset, tuned_parameters
     model = build_model(toy_preset(), 0)
     chosen = tuned_parameters(model, "attn1.to_q, attn1.to_k")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -786,8 +795,13 @@ def test_memory_stage_tunes_only_the_parameters_it_names():
     assert all(".attn1.to_q." in n or ".attn1.to_k." in n for n in names)
     assert len(tuned_parameters(model, "")) == len(list(model.parameters()))
     assert all(p.requires_grad for p in model.parameters())
+    kept = tuned_parameters(model, frozen="attn1")
+    assert 0 < len(kept) < len(list(model.parameters()))
+    assert all(p.requires_grad == (".attn1." not in n) for n, p in model.named_parameters())
     with pytest.raises(SystemExit, match="matches no DiT parameter"):
         tuned_parameters(model, "no_such_layer")
+    with pytest.raises(SystemExit, match="matches no DiT parameter"):
+        tuned_parameters(model, "attn1", frozen="attn1")
 
 
 def test_memory_stage_settings_from_the_command_line(capsys, tmp_path):

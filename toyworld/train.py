@@ -336,6 +336,8 @@ class FirstChunkRecipe:
     fresh_clips: bool = True      # each pass on first chunks of its own (data_seed + pass), not the first pass's again
     clip_kinds: str = ""          # the clip steps' clips: a comma list of kinds (CLIP_KINDS), "" for all of them
     clip_loss_from: int = 0       # the clip steps learn chunks from this one on (1: continuations alone)
+    frozen: str = ""              # DiT parameters the passes leave alone (`tuned_parameters`), e.g. "attn1" for a
+                                  #   pass after the memory stage that should keep its reading of the mid blocks
 
 
 @dataclass
@@ -599,8 +601,9 @@ def _step(model, opt, params, ema: dict, recipe: DiTRecipe, step: int, loss: tor
     opt.step()
     with torch.no_grad():
         d = min(recipe.ema, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}   # kept bit for bit: the average
+        for k, v in model.state_dict().items():                                   # of a constant still rounds
+            if v.dtype.is_floating_point and k not in frozen:
                 ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
 
 
@@ -637,21 +640,39 @@ def first_chunk_loss(model, first: dict, idx: np.ndarray, text: torch.Tensor, pr
                     first["foreground"][idx].to(device))
 
 
+def tuned_parameters(model: torch.nn.Module, only: str = "", frozen: str = "") -> list[torch.nn.Parameter]:
+    """The DiT parameters a stage trains: those whose names hold a fragment of the comma list `only` (empty: all),
+    less those that hold one of `frozen`; the others get no gradient. Why: a stage that should change one thing
+    (the memory stage's reading, the `first` pass's shape binding) can leave the weights of the other alone."""
+    def fragments(text: str) -> list[str]:
+        return [p.strip() for p in text.split(",") if p.strip()]
+    wanted, kept = fragments(only), fragments(frozen)
+    chosen = []
+    for name, p in model.named_parameters():
+        p.requires_grad_((not wanted or any(f in name for f in wanted)) and not any(f in name for f in kept))
+        if p.requires_grad:
+            chosen.append(p)
+    if not chosen:
+        raise SystemExit(f"training only {only!r} less {frozen!r} matches no DiT parameter")
+    return chosen
+
+
 def train_dit(preset, work: Path, seed: int, recipe: DiTRecipe, data: dict | None = None,
               device: str = "cpu", init: Path | None = None, out_name: str = DIT_FILE, name: str = "dit",
               warmup: int = 100, mix: ClipMix = ClipMix(), first: dict | None = None, first_share: float = 0.0,
-              first_batch: int = 32, clip_loss_from: int = 0) -> dict:
+              first_batch: int = 32, clip_loss_from: int = 0, frozen: str = "") -> dict:
     """Teacher forcing from scratch (stage `dit`) or, with `init` and the recipe's drift and rollout shares, the
     fine-tune against drift (stage `drift`): one loop, EMA weights saved as `out_name`, curve and report under
     `name`. With `first` (a `make_first_chunk_dataset`), `first_share` of the steps train a batch of
-    `first_batch` first chunks alone instead (stage `first`)."""
+    `first_batch` first chunks alone instead (stage `first`). `frozen`: parameters left as they are
+    (`tuned_parameters`)."""
     data = data or torch.load(work / "data.pt")
     n = data["latents"].shape[0]
     model = build_model(preset, seed)
     if init is not None:
         model.load_state_dict(torch.load(init))
     model = model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = tuned_parameters(model, frozen=frozen)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     captions = CaptionSampler(preset, data["scenes"], seed + 3, recipe.null_prompt_prob, mix)
@@ -751,7 +772,8 @@ def train_first(preset, work: Path, seed: int, recipe: DiTRecipe, tune: FirstChu
             first = torch.load(work / "data_first.pt")
         info = train_dit(preset, work, seed + 60, r, data=clips, device=device, init=final_dit_file(work),
                          out_name=TUNED_FILE, name="first", warmup=tune.warmup, mix=RecodeRecipe().mix, first=first,
-                         first_share=tune.first_share, first_batch=tune.batch, clip_loss_from=tune.clip_loss_from)
+                         first_share=tune.first_share, first_batch=tune.batch, clip_loss_from=tune.clip_loss_from,
+                         frozen=tune.frozen)
         passes.append({key: info[key] for key in ("wall_s", "first_loss", "final_loss") if key in info})
         logger.info("first pass %d of %d: loss %.4f -> %.4f", k + 1, tune.passes, info["first_loss"],
                     info["final_loss"])

@@ -240,19 +240,6 @@ def ordinary_lr_tokens(preset, work: Path, model, compressor, vae, rec: dict, cl
     return tok
 
 
-def tuned_parameters(model: torch.nn.Module, tune_only: str) -> list[torch.nn.Parameter]:
-    """The parameters the stage trains (`MemoryRecipe.tune_only`); the others are frozen (no gradient kept)."""
-    parts = [p.strip() for p in tune_only.split(",") if p.strip()]
-    chosen = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(not parts or any(part in name for part in parts))
-        if p.requires_grad:
-            chosen.append(p)
-    if not chosen:
-        raise SystemExit(f"--memory-set tune_only={tune_only!r} matches no DiT parameter")
-    return chosen
-
-
 def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, device: str = "cpu") -> dict:
     """`recipe`: the DiT stage's `DiTRecipe` (noise levels, augmentations of the recode steps)."""
     from packcache.compress import MidCompressor
@@ -261,7 +248,7 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
     from .common import cosine_lr, progress, save_curve
     from .train import (TUNED_FILE, CaptionSampler, FirstChunkRecipe, RecodeRecipe, _step, build_model,
                         clip_loss, final_dit_file, first_chunk_loss, make_first_chunk_dataset,
-                        make_recode_clips)
+                        make_recode_clips, tuned_parameters)
     from .train_hr import packed_view_loss
     from .train_vae import load_vae
     if not (work / "hr.pt").exists():
@@ -302,7 +289,7 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
 
     view_recipe = replace(recipe, sigma_levels="shifted", train_shift=tune.train_shift, fg_weight=tune.fg_weight)
     model.train()
-    params = tuned_parameters(model, tune.tune_only)
+    params = tuned_parameters(model, only=tune.tune_only)
     opt = torch.optim.AdamW(params, lr=tune.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     captions = CaptionSampler(preset, data["scenes"], seed + 71, recipe.null_prompt_prob,
