@@ -106,6 +106,51 @@ def test_a_few_training_steps_reduce_the_loss():
     assert after < 0.9 * before
 
 
+def test_anchored_steps_learn_the_start_dits_velocity_not_the_clips():
+    """`train.anchored` (`MemoryRecipe.anchor`): a step with a frozen teacher targets the teacher's velocity on the
+    same inputs. A teacher equal to the student gives zero loss on clips, first chunks alone and packed views (the
+    clip's target does not), and a teacher that differs pulls the student towards it."""
+    import copy
+    from dataclasses import replace
+
+    from packcache.compress import MidCompressor
+    from toyworld.train import DiTRecipe, build_model, dit_loss, toy_preset
+    from toyworld.train_hr import packed_view_loss
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    p = toy_preset()
+    g = torch.Generator().manual_seed(0)
+    model = build_model(p, 0).eval()
+    same = copy.deepcopy(model).requires_grad_(False)
+    other = build_model(p, 1).eval().requires_grad_(False)
+    x0 = torch.randn(2, 16, 21, 8, 8, generator=g)
+    text = torch.randn(2, 4, p.text.dim, generator=g)
+    recipe = DiTRecipe(own_context_prob=0.5)
+    comp = MidCompressor(replace(p.compressor, mode="hr"), model.dim, model.patch_embedding)
+    lr_tok = torch.randn(2, 7, 2, model.dim, generator=g)
+
+    def losses(teacher):
+        clip = dit_loss(model, x0, text, p, recipe, torch.Generator().manual_seed(3), [0, 1, 2], teacher=teacher)
+        alone = dit_loss(model, x0, text, p, recipe, torch.Generator().manual_seed(3), [0], teacher=teacher)
+        view = packed_view_loss(p, model, comp, x0, lr_tok, text, torch.Generator().manual_seed(3), current=6,
+                                mids=[3, 4], teacher=teacher)
+        return torch.stack([clip, alone, view])
+
+    with torch.no_grad():
+        truth, itself, far = losses(None), losses(same), losses(other)
+    assert torch.all(itself < 1e-10), itself
+    assert torch.all(truth > 0.1) and torch.all(far > 1e-4), (truth, far)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(6):
+        opt.zero_grad()
+        losses(other).sum().backward()
+        opt.step()
+    with torch.no_grad():
+        closer = losses(other)
+    torch.set_num_threads(threads)
+    assert closer.sum() < 0.8 * far.sum(), (far, closer)
+
+
 def test_a_lone_chunk_is_learned_without_its_clean_copy():
     """The `first` stage's shortcut: a chunk alone attends only itself, so its noisy copy's velocity is the same with
     or without the teacher-forcing clean copy (whatever that copy holds) and `dit_loss` drops the copy (half the
@@ -781,6 +826,14 @@ def test_memory_stage_fine_tunes_the_dit_on_the_packed_view(tmp_path):
     after = torch.load(tmp_path / TUNED_FILE)
     assert all(torch.equal(after[k], start[k]) for k in start if ".attn1." not in k)
     assert any(not torch.equal(after[k], start[k]) for k in start if ".attn1." in k)
+    # anchored step kinds (targets from the start DiT) train too; an unknown kind is refused before any work
+    torch.save(start, tmp_path / TUNED_FILE)
+    held = with_one_thread(train_memory, p, tmp_path, 0, DiTRecipe(batch=2),
+                           replace(tune, steps=4, anchor="recode, first,ordinary"))
+    assert held["data"].get("reused") and np.isfinite(held["final_loss"])
+    assert held["recipe"]["anchor"] == "recode, first,ordinary"
+    with pytest.raises(SystemExit, match="anchorable step kinds: recode, first, ordinary"):
+        train_memory(p, tmp_path, 0, DiTRecipe(batch=2), replace(tune, anchor="recode,memory"))
 
 
 def test_stages_train_only_the_parameters_they_name():

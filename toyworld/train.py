@@ -439,13 +439,15 @@ def foreground_weight(fg: torch.Tensor, fg_weight: float) -> torch.Tensor:
 
 def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: DiTRecipe,
              gen: torch.Generator, keep_chunks: list[int], loss_from_chunk: int = 0,
-             fg: torch.Tensor | None = None, null_text: torch.Tensor | None = None) -> torch.Tensor:
+             fg: torch.Tensor | None = None, null_text: torch.Tensor | None = None,
+             teacher: torch.nn.Module | None = None) -> torch.Tensor:
     """Teacher-forcing flow-matching loss on a batch of clips (B, 16, F, h, w), chunks `keep_chunks` only.
 
     One noise level per chunk (diffusion-forcing style), from `draw_sigmas`.
     Chunks before `loss_from_chunk` are context only (a prompt switch: they come from another scene). `fg`
     (B, F, h, w): foreground share per latent position, weighing the shapes up. `null_text` (1, L, D): the empty
-    prompt's embedding, for the guided rollouts of `recipe.roll_prob`."""
+    prompt's embedding, for the guided rollouts of `recipe.roll_prob`. `teacher`: a frozen DiT whose velocity on the
+    same inputs is the target instead of the clip's (`anchored`)."""
     T = preset.cache.chunk_frames
     b = latents.shape[0]
     dev = latents.device                # random draws come from `gen` on the CPU, so every device draws the same
@@ -460,7 +462,8 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
     pos = torch.arange(f, dtype=torch.float64)
     if k == 1:      # a chunk alone (the `first` stage) attends only itself: a clean copy, its own-prediction pass and
         v = model.forward_sequence(xn, sig_f * 1000.0, text, pos)   # context noise would change nothing the loss sees
-        return _weighted_flow_loss(v, eps, x0, fg, frames, keep_chunks, loss_from_chunk, recipe)
+        target = anchored(teacher, lambda m: m.forward_sequence(xn, sig_f * 1000.0, text, pos))
+        return _weighted_flow_loss(v, eps, x0, fg, frames, keep_chunks, loss_from_chunk, recipe, target=target)
     mask = teacher_forcing_mask(list(range(k)), preset.tokens_per_frame, T).to(dev)
     context = x0
     # (the rollout draw only when rollouts are on: the `dit` stage keeps the random stream it always had)
@@ -482,16 +485,29 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
     inp = torch.cat([xc, xn], dim=2)
     timestep = torch.cat([ctx_s[:, None].expand(b, f), sig_f], dim=1) * 1000.0
     v = model.forward_sequence(inp, timestep, text, torch.cat([pos, pos]), mask)[:, :, f:]
+    target = anchored(teacher, lambda m: m.forward_sequence(inp, timestep, text, torch.cat([pos, pos]), mask)[:, :, f:])
     skip = (roll.to(dev), (first_rolled + 1) * T) if roll.any() else None
-    return _weighted_flow_loss(v, eps, x0, fg, frames, keep_chunks, loss_from_chunk, recipe, skip)
+    return _weighted_flow_loss(v, eps, x0, fg, frames, keep_chunks, loss_from_chunk, recipe, skip, target)
+
+
+def anchored(teacher: torch.nn.Module | None, forward) -> torch.Tensor | None:
+    """The frozen `teacher`'s velocity (`forward(teacher)`), the target of an anchored step; None without one.
+    Why: a stage that teaches the DiT one new thing can hold it to its start's predictions on everything else
+    (a distillation anchor) instead of to the clips', which a teacher-forced fine-tune drifts away from
+    (session 25: any such continuation cost the shipped DiT's shape, 82% -> 65-77%)."""
+    if teacher is None:
+        return None
+    with torch.no_grad():
+        return forward(teacher).float()
 
 
 def _weighted_flow_loss(v: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor, fg: torch.Tensor | None,
                         frames: torch.Tensor, keep_chunks: list[int], loss_from_chunk: int, recipe: DiTRecipe,
-                        skip: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                        skip: tuple[torch.Tensor, int] | None = None,
+                        target: torch.Tensor | None = None) -> torch.Tensor:
     """The velocity error, positions under shapes weighted up, chunks before `loss_from_chunk` out; `skip` (rows,
     frames): those rows learn nothing in their first frames (rolled-out samples learn only where their context holds
-    sampled chunks)."""
+    sampled chunks). `target`: the velocity to match (an anchored step's teacher), the clip's `eps - x0` if None."""
     b, f, dev, T = x0.shape[0], x0.shape[2], x0.device, x0.shape[2] // len(keep_chunks)
     w = torch.ones(b, f, *x0.shape[3:], device=dev)
     if fg is not None:
@@ -500,7 +516,7 @@ def _weighted_flow_loss(v: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor, fg
     w = w * in_loss[None, :, None, None]
     if skip is not None:
         w[skip[0], :skip[1]] = 0.0
-    err = (v.float() - (eps - x0)).pow(2).mean(dim=1)                          # (B, F, h, w)
+    err = (v.float() - ((eps - x0) if target is None else target)).pow(2).mean(dim=1)   # (B, F, h, w)
     return (err * w).sum() / w.sum().clamp_min(1.0)
 
 
@@ -610,7 +626,8 @@ def _step(model, opt, params, ema: dict, recipe: DiTRecipe, step: int, loss: tor
 
 def clip_loss(model, data: dict, idx: np.ndarray, text: torch.Tensor, preset, recipe: DiTRecipe,
               rng: np.random.Generator, gen: torch.Generator, device: str = "cpu",
-              null_text: torch.Tensor | None = None, loss_from_chunk: int = 0) -> torch.Tensor:
+              null_text: torch.Tensor | None = None, loss_from_chunk: int = 0,
+              teacher: torch.nn.Module | None = None) -> torch.Tensor:
     """The `dit` stage's teacher-forcing loss on clips `idx` of `data` with its augmentations: chunk dropping (the
     packed and window caches' contexts), scene cuts (prompt switches) and, with `data["drifted"]`, drifted contexts.
     Shared by every stage that keeps those behaviours while it trains something else."""
@@ -631,14 +648,15 @@ def clip_loss(model, data: dict, idx: np.ndarray, text: torch.Tensor, preset, re
         batch = torch.cat([data["drifted"][idx][:, :, :j * T], batch[:, :, j * T:]], dim=2)
         loss_from = j
     return dit_loss(model, batch.to(device), text.to(device), preset, recipe, gen, keep,
-                    max(loss_from, loss_from_chunk), batch_fg.to(device), null_text)
+                    max(loss_from, loss_from_chunk), batch_fg.to(device), null_text, teacher)
 
 
 def first_chunk_loss(model, first: dict, idx: np.ndarray, text: torch.Tensor, preset, recipe: DiTRecipe,
-                     gen: torch.Generator, device: str = "cpu") -> torch.Tensor:
+                     gen: torch.Generator, device: str = "cpu",
+                     teacher: torch.nn.Module | None = None) -> torch.Tensor:
     """The loss on first chunks alone (`make_first_chunk_dataset` clips `idx`): no context, the text is all."""
     return dit_loss(model, first["latents"][idx].to(device), text.to(device), preset, recipe, gen, [0], 0,
-                    first["foreground"][idx].to(device))
+                    first["foreground"][idx].to(device), teacher=teacher)
 
 
 def tuned_parameters(model: torch.nn.Module, only: str = "", frozen: str = "") -> list[torch.nn.Parameter]:
@@ -965,6 +983,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from .train_memory import MemoryRecipe
     memory_tune = recipe_with(MemoryRecipe(), args.memory_steps, args.memory_set, ap)   # bad settings: before any work
+    memory_tune.anchored_kinds()
     first_tune = recipe_with(FirstChunkRecipe(), None, args.first_set, ap, option="--first-set")
     if args.init_from is not None and not args.init_from.exists():      # refused before any work
         raise SystemExit(f"--init-from: no such bundle {args.init_from}")

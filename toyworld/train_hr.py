@@ -118,16 +118,18 @@ class MidAttention:
 
 def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.Tensor, text, gen: torch.Generator,
                      current: int, mids: list[int], recipe=None, fg: torch.Tensor | None = None,
-                     affinity_out: list | None = None, attention_out: list | None = None) -> torch.Tensor:
+                     affinity_out: list | None = None, attention_out: list | None = None,
+                     teacher: torch.nn.Module | None = None) -> torch.Tensor:
     """Flow-matching loss of chunk `current` denoised against [sink ; compressed `mids` ; recent] (see module doc).
     `fg` (B, T, h, w): the current chunk's foreground share per latent position, weighed up by the recipe's
     `fg_weight` as the DiT stage does (the memory stage: the subject is what the mid blocks are for).
     `affinity_out`: when given, receives the (layers, M, B) selection affinities of the `mids` (`MidAffinity`);
-    `attention_out` the (layers, B, M) shares of the current chunk's attention on them (`MidAttention`)."""
+    `attention_out` the (layers, B, M) shares of the current chunk's attention on them (`MidAttention`).
+    `teacher`: a frozen DiT whose velocity on the same view is the target instead of the clip's (`train.anchored`)."""
     from packcache.compress import block_grid
     from packcache.layout import build_layout
 
-    from .train import DiTRecipe, draw_sigmas, foreground_weight
+    from .train import DiTRecipe, anchored, draw_sigmas, foreground_weight
     c = preset.cache
     T = c.chunk_frames
     b = x0.shape[0]
@@ -163,10 +165,13 @@ def packed_view_loss(preset, model, compressor, x0: torch.Tensor, lr_tok: torch.
         affinity_out.append(torch.stack(affinity.layers))
     if shares is not None:
         attention_out.append(torch.stack(shares.layers))
+    target = anchored(teacher, lambda m: m.forward_view(view, inputs, timesteps, m.embed_text(text)))
+    if target is None:
+        target = eps - sl(current)
     if fg is None:
-        return F.mse_loss(v.float(), eps - sl(current))
+        return F.mse_loss(v.float(), target)
     w = 1.0 + foreground_weight(fg.float().to(dev), (recipe or DiTRecipe()).fg_weight)          # (B, T, h, w)
-    err = (v.float() - (eps - sl(current))).pow(2).mean(dim=1)
+    err = (v.float() - target).pow(2).mean(dim=1)
     return (err * w).sum() / w.sum()
 
 

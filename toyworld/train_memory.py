@@ -41,6 +41,7 @@ recode steps or half the learning rate; so the stage stays out of the shipped re
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -51,6 +52,9 @@ import numpy as np
 import torch
 
 logger = logging.getLogger("toyworld.train")
+
+
+ANCHORABLE = ("recode", "first", "ordinary")     # the step kinds that teach nothing new (not the memory steps)
 
 
 @dataclass
@@ -98,6 +102,17 @@ class MemoryRecipe:
                                     # Session 24: tuning all of them moved every weight group by 15-27% and cost the
                                     # shape from the second chunk on (82% -> 67%); session 25: "attn1" alone cost it
                                     # too (63%) and its top-k recalled no more than FIFO (0.12 / 0.12, 20 s)
+    anchor: str = ""                # comma list of the step kinds (ANCHORABLE) whose target is the start DiT's own
+                                    # velocity on the same inputs (`train.anchored`) instead of the clip's: the
+                                    # behaviour the stage should keep, held by distillation rather than re-learnt
+
+    def anchored_kinds(self) -> set[str]:
+        """The step kinds of `anchor`; an unknown one is a clear error, not a silently ordinary stage."""
+        kinds = {k.strip() for k in self.anchor.split(",") if k.strip()}
+        if kinds - set(ANCHORABLE):
+            raise SystemExit(f"memory stage: anchor {self.anchor!r} names {sorted(kinds - set(ANCHORABLE))}; "
+                             f"anchorable step kinds: {', '.join(ANCHORABLE)}")
+        return kinds
 
     def data_key(self, seed: int, weights: str) -> dict:
         """What decides the memory clips and their LR tokens (`weights`: `lr_token_weights`): a `data_memory.pt`
@@ -251,6 +266,7 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
                         make_recode_clips, tuned_parameters)
     from .train_hr import packed_view_loss
     from .train_vae import load_vae
+    anchors = tune.anchored_kinds()
     if not (work / "hr.pt").exists():
         raise SystemExit("the memory stage continues from the recode and hr stages: run them first "
                          "(--stages recode,first,hr,memory,...) or start from a bundle (--init-from)")
@@ -264,6 +280,9 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
     comp.hr.load_state_dict({k[len("hr."):]: v for k, v in torch.load(work / "hr.pt").items()})
     comp = comp.to(device).eval().requires_grad_(False)
     model.eval()
+    # the start DiT, frozen: the target of the anchored step kinds
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if anchors else None
+    held = {kind: teacher if kind in anchors else None for kind in ANCHORABLE}
     path = work / "data_memory.pt"
     old = torch.load(path) if path.exists() else {}
     if old.get("key") == tune.data_key(seed + tune.data_seed, lr_token_weights(model, vae)):
@@ -324,12 +343,12 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
         if u < tune.recode_share:            # the `recode` stage's steps: chunk dropping, scene cuts
             idx = rng.integers(0, rec["latents"].shape[0], size=tune.batch)
             text, _ = rec_captions(idx)
-            loss = clip_loss(model, rec, idx, text, preset, clip_recipe, rng, gen, device)
+            loss = clip_loss(model, rec, idx, text, preset, clip_recipe, rng, gen, device, teacher=held["recode"])
             rec_hist.append(loss.item())
         elif u < tune.recode_share + tune.first_share:
             idx = rng.integers(0, len(first["scenes"]), size=tune.first_batch)
             text, _ = first_captions(idx)
-            loss = first_chunk_loss(model, first, idx, text, preset, recipe, gen, device)
+            loss = first_chunk_loss(model, first, idx, text, preset, recipe, gen, device, teacher=held["first"])
             first_hist.append(loss.item())
         elif u < tune.recode_share + tune.first_share + tune.ordinary_share:
             idx = rng.integers(0, n_ord, size=tune.batch)
@@ -337,7 +356,8 @@ def train_memory(preset, work: Path, seed: int, recipe, tune: MemoryRecipe, devi
             text, _ = rec_captions(idx)
             loss = packed_view_loss(preset, model, comp, rec["latents"][idx].float().to(device),
                                     ord_tok[idx].float().to(device), text.to(device), gen, current, mids,
-                                    view_recipe, fg=rec["foreground"][idx][:, current * T:(current + 1) * T])
+                                    view_recipe, fg=rec["foreground"][idx][:, current * T:(current + 1) * T],
+                                    teacher=held["ordinary"])
             ord_hist.append(loss.item())
         else:
             seen, gap = shapes[int(rng.integers(len(shapes)))]
