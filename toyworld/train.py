@@ -34,8 +34,12 @@ Stages (each saves its state under --work, so a stage can be re-run alone with -
            (`toyworld/train_hr.py`).
 5. `memory` (optional, not in the default stages) the DiT on that same packed view with leave-and-return clips,
            loss where the subject returns, so that it reads the compressed mid blocks (`toyworld/train_memory.py`,
-           `MemoryRecipe`; issue 13). Measured: recall through top-k above FIFO and the window, at a cost in shape
-           in later chunks (session 24: 82% -> 67%), and ~29 minutes the 90-minute budget does not have.
+           `MemoryRecipe`; issue 13). Its other steps are anchored to the start DiT's own predictions
+           (`MemoryRecipe.anchor`), which keeps the shape (session 26: 82% -> 83%; unanchored, session 24: 67%)
+           while top-k learns to recall what left the frame (0.75 against FIFO 0.06). The shipped bundle is the
+           default stages, then `--init-from packcache/weights/toy.safetensors --stages memory,pack` (~18 minutes on
+           2 cores with the clips made, ~32 from nothing; the default stages alone take the 88 of the 90-minute
+           budget, so it is a second command, not a default stage).
            `--init-from BUNDLE` runs it on a packed bundle (the shipped one) without the stages before it.
 
 Everything is written into one safetensors file with key prefixes `transformer.`, `vae.`, `compressor.`, plus a
