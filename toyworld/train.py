@@ -465,8 +465,9 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
     xn = (1 - sig_f)[:, None, :, None, None] * x0 + sig_f[:, None, :, None, None] * eps
     pos = torch.arange(f, dtype=torch.float64)
     if k == 1:      # a chunk alone (the `first` stage) attends only itself: a clean copy, its own-prediction pass and
-        v = model.forward_sequence(xn, sig_f * 1000.0, text, pos)   # context noise would change nothing the loss sees
-        target = anchored(teacher, lambda m: m.forward_sequence(xn, sig_f * 1000.0, text, pos))
+        def alone(m):     # context noise would change nothing the loss sees
+            return m.forward_sequence(xn, sig_f * 1000.0, text, pos)
+        v, target = alone(model), anchored(teacher, alone)
         return _weighted_flow_loss(v, eps, x0, fg, frames, keep_chunks, loss_from_chunk, recipe, target=target)
     mask = teacher_forcing_mask(list(range(k)), preset.tokens_per_frame, T).to(dev)
     context = x0
@@ -488,8 +489,9 @@ def dit_loss(model, latents: torch.Tensor, text: torch.Tensor, preset, recipe: D
     xc = (1 - ctx_s)[:, None, None, None, None] * context + ctx_s[:, None, None, None, None] * eps2
     inp = torch.cat([xc, xn], dim=2)
     timestep = torch.cat([ctx_s[:, None].expand(b, f), sig_f], dim=1) * 1000.0
-    v = model.forward_sequence(inp, timestep, text, torch.cat([pos, pos]), mask)[:, :, f:]
-    target = anchored(teacher, lambda m: m.forward_sequence(inp, timestep, text, torch.cat([pos, pos]), mask)[:, :, f:])
+    def paired(m):
+        return m.forward_sequence(inp, timestep, text, torch.cat([pos, pos]), mask)[:, :, f:]
+    v, target = paired(model), anchored(teacher, paired)
     skip = (roll.to(dev), (first_rolled + 1) * T) if roll.any() else None
     return _weighted_flow_loss(v, eps, x0, fg, frames, keep_chunks, loss_from_chunk, recipe, skip, target)
 
